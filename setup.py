@@ -1,0 +1,36 @@
+"""pipa_jax: PiPa / DAFormer / HRDA domain-adaptive semantic segmentation in JAX + Flax NNX."""
+from setuptools import find_packages, setup
+
+setup(
+    name="pipa_jax",
+    version="0.1.0",
+    description=(
+        "Pixel- and patch-wise self-supervised domain-adaptive semantic segmentation "
+        "(PiPa, DAFormer, HRDA, MIC) in JAX/Flax"
+    ),
+    packages=find_packages(include=["pipa_jax", "pipa_jax.*"]),
+    python_requires=">=3.11",
+    install_requires=[
+        "jax>=0.10.0",
+        "flax>=0.12.8",
+        "optax>=0.2.8",
+        "orbax-checkpoint>=0.12.0",
+        "ml-collections>=1.1.0",
+        "clu>=0.0.12",
+        "tensorflow-datasets>=4.9.10",
+        # tensorflow-datasets imports it without declaring it.
+        "importlib_resources>=6.0",
+        "grain>=0.2.18",
+        "numpy>=2.0",
+        "pillow>=10.0",
+        "absl-py>=2.0",
+    ],
+    extras_require={
+        # Reading official .pth checkpoints. Pin to the CPU wheel in CI; users pick their own build.
+        "torch": ["torch>=2.3"],
+        # The parity tests compare against PyTorch (torch + transformers' SegFormer). On CPU-only
+        # machines install a CPU torch build first; a plain `torch` may pull CUDA wheels.
+        # The Cityscapes evaluator is installed separately with --no-deps (see README).
+        "test": ["pytest>=8.0", "transformers>=5.0", "torch>=2.3", "pyquaternion"],
+    },
+)

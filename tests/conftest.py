@@ -1,0 +1,15 @@
+"""Test setup: 8 fake CPU devices, set before JAX initialises its backends."""
+import os
+
+os.environ["XLA_FLAGS"] = (
+    os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
+).strip()
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+import jax  # noqa: E402  (must come after the environment is set)
+
+jax.config.update("jax_default_matmul_precision", "highest")
+
+
+def pytest_report_header(config):
+    return f"jax {jax.__version__}, devices: {jax.device_count()} x {jax.devices()[0].platform}"
