@@ -1,0 +1,198 @@
+"""Mix Transformer (MiT-b0..b5), SegFormer's encoder (METHOD.md §2.1).
+
+Attribute paths mirror the official PyTorch names (`patch_embed1.proj`, `block1[0].attn.kv`,
+`block3[5].mlp.dwconv.dwconv`, `norm4`), so pipa_jax.convert maps official keys by rule.
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from pipa_jax.models import layers
+
+
+@dataclasses.dataclass(frozen=True)
+class MiTVariant:
+    embed_dims: tuple[int, int, int, int]
+    depths: tuple[int, int, int, int]
+    num_heads: tuple[int, int, int, int] = (1, 2, 5, 8)
+    mlp_ratio: int = 4
+    sr_ratios: tuple[int, int, int, int] = (8, 4, 2, 1)
+
+
+# The one place where the variants are decoded.
+MIT_VARIANTS = {
+    "b0": MiTVariant((32, 64, 160, 256), (2, 2, 2, 2)),
+    "b1": MiTVariant((64, 128, 320, 512), (2, 2, 2, 2)),
+    "b2": MiTVariant((64, 128, 320, 512), (3, 4, 6, 3)),
+    "b3": MiTVariant((64, 128, 320, 512), (3, 4, 18, 3)),
+    "b4": MiTVariant((64, 128, 320, 512), (3, 8, 27, 3)),
+    "b5": MiTVariant((64, 128, 320, 512), (3, 6, 40, 3)),
+}
+
+
+def get_variant(variant: str | MiTVariant) -> MiTVariant:
+    if isinstance(variant, MiTVariant):
+        return variant
+    name = str(variant).lower().removeprefix("mit_").removeprefix("mit-")
+    if name not in MIT_VARIANTS:
+        raise ValueError(
+            f"unknown MiT variant {variant!r}; expected one of "
+            f"{', '.join('mit_' + k for k in MIT_VARIANTS)} (or b0..b5)"
+        )
+    return MIT_VARIANTS[name]
+
+
+class OverlapPatchEmbed(nnx.Module):
+    """Strided conv (k7 s4 p3 in stage 1, k3 s2 p1 after) + LayerNorm (eps 1e-5)."""
+
+    def __init__(self, in_ch, dim, kernel_size, stride, *, dtype, param_dtype, rngs):
+        self.proj = layers.conv2d(in_ch, dim, kernel_size, stride=stride, padding=kernel_size // 2,
+                                  dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.norm = layers.layer_norm(dim, 1e-5, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+
+    def __call__(self, x):
+        return self.norm(self.proj(x))  # [B, h, w, C]
+
+
+class Attention(nnx.Module):
+    """Efficient self-attention: keys/values from a spatially reduced map when sr_ratio > 1."""
+
+    def __init__(self, dim, num_heads, sr_ratio, *, dtype, param_dtype, rngs):
+        kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.num_heads = num_heads
+        self.sr_ratio = sr_ratio
+        self.q = layers.linear(dim, dim, **kw)
+        self.kv = layers.linear(dim, 2 * dim, **kw)  # output channels [k | v]
+        self.proj = layers.linear(dim, dim, **kw)
+        if sr_ratio > 1:
+            self.sr = layers.conv2d(dim, dim, sr_ratio, stride=sr_ratio, **kw)
+            self.norm = layers.layer_norm(dim, 1e-5, **kw)
+        self.dtype = dtype
+
+    def __call__(self, x):  # x: [B, h, w, C]
+        b, h, w, c = x.shape
+        heads, hd = self.num_heads, c // self.num_heads
+        q = self.q(x).reshape(b, h * w, heads, hd)
+        src = self.norm(self.sr(x)) if self.sr_ratio > 1 else x
+        kv = self.kv(src).reshape(b, -1, 2, heads, hd)
+        k, v = kv[:, :, 0], kv[:, :, 1]
+        logits = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32)
+        probs = jax.nn.softmax(logits * (hd ** -0.5), axis=-1).astype(v.dtype)
+        out = jnp.einsum("bhqk,bkhd->bqhd", probs, v).reshape(b, h, w, c)
+        return self.proj(out)
+
+
+class DWConv(nnx.Module):
+    """Holds the 3x3 depthwise conv under the official name `dwconv.dwconv`."""
+
+    def __init__(self, dim, *, impl, dtype, param_dtype, rngs):
+        self.dwconv = layers.DepthwiseConv2d(dim, impl=impl, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+
+    def __call__(self, x):
+        return self.dwconv(x)
+
+
+class MixFFN(nnx.Module):
+    """fc1 -> depthwise 3x3 -> GELU (exact erf form, as nn.GELU) -> fc2."""
+
+    def __init__(self, dim, hidden, *, impl, dtype, param_dtype, rngs):
+        kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.fc1 = layers.linear(dim, hidden, **kw)
+        self.dwconv = DWConv(hidden, impl=impl, **kw)
+        self.fc2 = layers.linear(hidden, dim, **kw)
+
+    def __call__(self, x):
+        return self.fc2(jax.nn.gelu(self.dwconv(self.fc1(x)), approximate=False))
+
+
+class Block(nnx.Module):
+    """Pre-norm transformer block. The drop-path rate is a call argument (not an attribute) so
+    all blocks of a stage share one graph definition and can be scanned."""
+
+    def __init__(self, dim, num_heads, mlp_ratio, sr_ratio, *, impl, dtype, param_dtype, rngs):
+        kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.norm1 = layers.layer_norm(dim, 1e-6, **kw)
+        self.attn = Attention(dim, num_heads, sr_ratio, **kw)
+        self.norm2 = layers.layer_norm(dim, 1e-6, **kw)
+        self.mlp = MixFFN(dim, dim * mlp_ratio, impl=impl, **kw)
+
+    def __call__(self, x, drop_rate, rng, *, train: bool):
+        k1, k2 = jax.random.split(rng) if rng is not None else (None, None)
+        x = x + layers.drop_path(self.attn(self.norm1(x)), drop_rate, k1, train=train)
+        return x + layers.drop_path(self.mlp(self.norm2(x)), drop_rate, k2, train=train)
+
+
+class MixVisionTransformer(nnx.Module):
+    """MiT encoder. `__call__(x [B, H, W, 3], *, train=False, rng=None)` returns the four stage
+    outputs [B, H/4, W/4, C1], [B, H/8, W/8, C2], [B, H/16, W/16, C3], [B, H/32, W/32, C4]
+    (ceil division, PyTorch's conv arithmetic for sizes not divisible by 32).
+
+    Args:
+      variant: 'b0'..'b5' (or 'mit_b5').
+      drop_path_rate: stochastic depth, linearly spaced over all blocks (0.1 in all recipes);
+        active only with train=True, which then needs `rng`.
+      dwconv_impl: 'auto' | 'shift' | 'native' (see layers.resolve_dwconv_impl).
+      scan_blocks: run the blocks of a stage as one lax.scan over stacked parameters. The result
+        is identical; compile time stops growing with depth (MiT-b5 has 40 blocks in stage 3).
+      dtype / param_dtype: compute and parameter dtypes.
+    """
+
+    def __init__(self, variant: str = "b5", *, drop_path_rate: float = 0.1, dwconv_impl: str = "auto",
+                 scan_blocks: bool = True, dtype=jnp.float32, param_dtype=jnp.float32, rngs: nnx.Rngs):
+        v = get_variant(variant)
+        self.variant = variant
+        self.embed_dims = v.embed_dims
+        self.depths = v.depths
+        self.scan_blocks = scan_blocks
+        kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        rates = np.linspace(0.0, drop_path_rate, sum(v.depths)).tolist()
+        self.drop_path_rates = tuple(tuple(rates[sum(v.depths[:s]):sum(v.depths[:s + 1])]) for s in range(4))
+        in_ch = 3
+        for s in range(4):
+            k, stride = (7, 4) if s == 0 else (3, 2)
+            setattr(self, f"patch_embed{s + 1}", OverlapPatchEmbed(in_ch, v.embed_dims[s], k, stride, **kw))
+            setattr(self, f"block{s + 1}", nnx.List([
+                Block(v.embed_dims[s], v.num_heads[s], v.mlp_ratio, v.sr_ratios[s], impl=dwconv_impl, **kw)
+                for _ in range(v.depths[s])
+            ]))
+            setattr(self, f"norm{s + 1}", layers.layer_norm(v.embed_dims[s], 1e-6, **kw))
+            in_ch = v.embed_dims[s]
+
+    def _run_stage(self, s, x, rng, train):
+        blocks = getattr(self, f"block{s + 1}")
+        rates = self.drop_path_rates[s]
+        train = train and rng is not None  # __call__ has checked that no rng means no stochastic depth
+        keys = jax.random.split(rng, len(blocks)) if rng is not None else [None] * len(blocks)
+        if not self.scan_blocks or len(blocks) < 2:
+            for blk, rate, key in zip(blocks, rates, keys):
+                x = blk(x, rate, key, train=train)
+            return x
+        graphdef, first = nnx.split(blocks[0])
+        stacked = jax.tree.map(lambda *xs: jnp.stack(xs), first, *[nnx.state(b) for b in blocks[1:]])
+        rates_arr = jnp.asarray(rates, jnp.float32)
+
+        def body(h, inp):
+            state, rate, key = inp
+            return nnx.merge(graphdef, state)(h, rate, key, train=train), None
+
+        x, _ = jax.lax.scan(body, x, (stacked, rates_arr, keys if rng is not None else None))
+        return x
+
+    def __call__(self, x, *, train: bool = False, rng=None):
+        if x.ndim != 4 or x.shape[-1] != 3:
+            raise ValueError(f"MiT expects NHWC images [B, H, W, 3], got shape {tuple(x.shape)}")
+        if train and rng is None and max(max(r) for r in self.drop_path_rates) > 0:
+            raise ValueError("train=True with stochastic depth needs rng=jax.random.key(...)")
+        stage_keys = jax.random.split(rng, 4) if (train and rng is not None) else [None] * 4
+        outs = []
+        for s in range(4):
+            x = getattr(self, f"patch_embed{s + 1}")(x)
+            x = self._run_stage(s, x, stage_keys[s], train)
+            x = getattr(self, f"norm{s + 1}")(x)
+            outs.append(x)
+        return outs
