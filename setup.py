@@ -24,6 +24,11 @@ setup(
         "numpy>=2.0",
         "pillow>=10.0",
         "absl-py>=2.0",
+        # On-device photometric ops (brightness, saturation, hue) of the DACS strong augmentation.
+        "dm-pix>=0.4.5",
+        # clu's metric writers (TensorBoard) and periodic actions import TensorFlow.
+        "tensorflow-cpu>=2.16",
+        "tensorboard>=2.16",
     ],
     extras_require={
         # Reading official .pth checkpoints. Pin to the CPU wheel in CI; users pick their own build.
@@ -31,6 +36,6 @@ setup(
         # The parity tests compare against PyTorch (torch + transformers' SegFormer). On CPU-only
         # machines install a CPU torch build first; a plain `torch` may pull CUDA wheels.
         # The Cityscapes evaluator is installed separately with --no-deps (see README).
-        "test": ["pytest>=8.0", "transformers>=5.0", "torch>=2.3", "pyquaternion"],
+        "test": ["pytest>=8.0", "transformers>=5.0", "torch>=2.3", "pyquaternion", "kornia>=0.7"],
     },
 )
