@@ -1,0 +1,53 @@
+"""The embedded default: DAFormer + PiPa on the procedural synthetic domain pair (no downloads).
+
+  python -m pipa_jax.main --config configs/synthetic.py --workdir runs/demo
+  python -m pipa_jax.main --config configs/synthetic.py:method=source_only --workdir runs/src
+Variants: method=source_only|dacs|daformer|pipa|pixel_only|patch_only|oracle; `tiny` (a few
+steps at 64x64, used by the tests), e.g. configs/synthetic.py:method=pipa,tiny
+"""
+from pipa_jax import config as config_lib
+
+
+def get_config(arg: str = ""):
+    opts = dict(kv.split("=", 1) if "=" in kv else (kv, "1") for kv in arg.split(",") if kv)
+    c = config_lib.base_config()
+    c.model.backbone = "mit_b0"
+    c.model.embed_dim = 64
+    c.model.pixel_proj_dim = 64
+    c.data.image_size = (128, 256)
+    c.data.crop_size = (128, 128)
+    c.data.num_train = 500
+    c.data.num_val = 50
+    c.batch_size = 8
+    c.data.eval_batch_size = 8
+    c.total_steps = 1000
+    c.log_every = 50
+    c.eval_every = 500
+    c.checkpoint_every = 250
+    c.optimizer.learning_rate = 6e-4          # random init (no ImageNet weights): a higher rate
+    c.optimizer.warmup_steps = 100
+    c.uda.margin_top = 0
+    c.uda.margin_bottom = 0
+    c.pipa.pixel.min_pixels = 20
+    c.pipa.pixel.max_samples = 512
+    c.pipa.patch.crop_size = (96, 96)
+    c.pipa.patch.start_step = 300
+    c.pipa.patch.bank_cells = 256
+    config_lib.apply_method(c, opts.pop("method", "pipa"))
+    if opts.pop("tiny", None):
+        c.data.image_size = (64, 64)
+        c.data.crop_size = (64, 64)
+        c.pipa.patch.crop_size = (32, 32)
+        c.pipa.patch.start_step = 0
+        c.pipa.patch.bank_cells = 16
+        c.pipa.pixel.min_pixels = 4
+        c.pipa.pixel.max_samples = 64
+        c.data.num_train = 16
+        c.data.num_val = 8
+        c.total_steps = 4
+        c.log_every = 2
+        c.eval_every = 0
+        c.checkpoint_every = 2
+    if opts:
+        raise ValueError(f"unknown config options {sorted(opts)}; expected method=..., tiny")
+    return c

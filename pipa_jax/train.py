@@ -1,0 +1,294 @@
+"""The training loop: mesh, data, state init/restore, jitted steps, evaluation, checkpoints, logs.
+
+`train_and_evaluate(config, workdir)` runs (or resumes) a run in `workdir` and returns the final
+metrics. Everything heavy happens in the jitted step; the host only feeds batches, writes logs
+at log steps and saves checkpoints.
+"""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import time
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import orbax.checkpoint as ocp
+from absl import logging
+from flax import nnx
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from pipa_jax import config as config_lib
+from pipa_jax import convert, metrics as metrics_lib, model_io
+from pipa_jax.data import pipeline
+from pipa_jax.labels import CLASS_NAMES, NUM_CLASSES
+from pipa_jax.models import build_segmentor, layers
+from pipa_jax.optim import make_optimizer
+from pipa_jax.state import TrainState, create_train_state
+from pipa_jax.step import describe_nonfinite, make_train_step, normalize
+from pipa_jax.uda import patch as patch_ops
+
+
+class WorkdirMismatchError(ValueError):
+    """The workdir holds a run of a different model or data setup."""
+
+
+# Fields that must agree between a checkpoint and the config that resumes it.
+_IDENTITY_FIELDS = ("model", "data.crop_size", "batch_size", "seed", "pipa.patch.bank_cells",
+                    "pipa.patch.bank_steps")
+
+
+def make_mesh(c: ml_collections.ConfigDict) -> jax.sharding.Mesh:
+    n = jax.device_count() if c.mesh_shape == -1 else c.mesh_shape
+    return jax.make_mesh((n,), ("data",), axis_types=(jax.sharding.AxisType.Auto,),
+                         devices=jax.devices()[:n])
+
+
+def _select(cfg, dotted):
+    for part in dotted.split("."):
+        cfg = cfg[part]
+    return cfg.to_dict() if isinstance(cfg, ml_collections.ConfigDict) else (list(cfg) if isinstance(cfg, tuple) else cfg)
+
+
+def _check_workdir_config(c, workdir):
+    path = os.path.join(workdir, "config.json")
+    if not os.path.exists(path):
+        return
+    with open(path) as f:
+        old = json.load(f)
+    diffs = []
+    for key in _IDENTITY_FIELDS:
+        new_v = json.loads(json.dumps(_select(c, key)))
+        old_v = old
+        for part in key.split("."):
+            old_v = old_v.get(part) if isinstance(old_v, dict) else None
+        if old_v != new_v:
+            diffs.append(f"{key}: checkpoint {old_v!r} vs config {new_v!r}")
+    if diffs:
+        raise WorkdirMismatchError(
+            f"{workdir} holds a run with a different setup, so it cannot be resumed:\n  " + "\n  ".join(diffs)
+            + "\nUse a new --workdir, or the config that started this run.")
+
+
+def _write_json_atomic(path, obj):
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=2, sort_keys=True, default=float)
+    os.replace(tmp, path)
+
+
+class _Preemption:
+    """SIGTERM sets a flag; the loop saves a checkpoint at the next step and exits cleanly."""
+
+    def __init__(self):
+        self.requested = False
+        self._old = None
+
+    def __enter__(self):
+        try:
+            self._old = signal.signal(signal.SIGTERM, self._handle)
+        except ValueError:  # not the main thread (e.g. notebooks): no handler
+            self._old = None
+        return self
+
+    def _handle(self, signum, frame):
+        logging.warning("SIGTERM received: saving a checkpoint and stopping")
+        self.requested = True
+
+    def __exit__(self, *exc):
+        if self._old is not None:
+            signal.signal(signal.SIGTERM, self._old)
+
+
+def build_model_and_state(c, mesh):
+    """Model, frozen ImageNet encoder, optimizer and a fresh (sharded) TrainState."""
+    model = build_segmentor(c.model, seed=c.seed)
+    if c.model.get("pretrained", ""):
+        path = c.model.pretrained
+        if os.path.isdir(path):
+            nnx.update(model.backbone, nnx.state(model_io.load_model(path).backbone))
+        else:
+            convert.load_torch_weights(model.backbone, path)
+    imnet = None
+    if c.uda.fd:
+        imnet_graphdef, imnet_params = nnx.split(model.backbone, nnx.Param)
+        imnet = (imnet_graphdef, jax.tree.map(jnp.copy, imnet_params))
+    graphdef, params, batch_stats = nnx.split(model, nnx.Param, nnx.BatchStat)
+    tx = make_optimizer(c, params)
+    bank = {}
+    if c.pipa.patch.enabled and c.uda.self_training:
+        size = c.pipa.patch.bank_steps * 2 * c.pipa.patch.bank_cells  # steps x 2 crops x cells
+        bank = patch_ops.init_bank(size, c.model.patch_proj_dim)
+    repl = NamedSharding(mesh, P())
+    init = jax.jit(lambda p, b, bk: create_train_state(p, b, tx, bk), out_shardings=repl)
+    state = init(params, batch_stats, bank)
+    return graphdef, tx, state, imnet
+
+
+def make_eval_step(graphdef):
+    """(params, batch_stats, images uint8, labels) -> confusion matrix [19, 19], on device."""
+
+    @jax.jit
+    def eval_step(params, batch_stats, images, labels):
+        model = nnx.merge(graphdef, params, batch_stats)
+        logits = model(normalize(images), train=False)
+        logits = layers.resize_bilinear(logits.astype(jnp.float32), labels.shape[1:3])
+        pred = jnp.argmax(logits, axis=-1)
+        return metrics_lib.confusion_matrix(pred, labels, num_classes=NUM_CLASSES)
+    return eval_step
+
+
+def evaluate(c, eval_step, mesh, params, batch_stats) -> np.ndarray:
+    sharding = NamedSharding(mesh, P("data"))
+    conf = np.zeros((NUM_CLASSES, NUM_CLASSES), np.int64)
+    for imgs, labs in pipeline.eval_batches(c):
+        imgs = jax.make_array_from_process_local_data(sharding, imgs)
+        labs = jax.make_array_from_process_local_data(sharding, labs)
+        conf += np.asarray(jax.device_get(eval_step(params, batch_stats, imgs, labs)), np.int64)
+    return conf
+
+
+def _eval_record(conf):
+    iou = metrics_lib.iou_from_confusion(conf)
+    return {"miou": float(metrics_lib.miou(conf)),
+            "per_class_iou": {n: (None if np.isnan(v) else float(v)) for n, v in zip(CLASS_NAMES, iou)}}
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
+    c = config
+    workdir = os.path.abspath(workdir)
+    config_lib.validate(c, jax.device_count())
+    if c.compilation_cache_dir:
+        jax.config.update("jax_compilation_cache_dir", os.path.expanduser(c.compilation_cache_dir))
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
+    os.makedirs(workdir, exist_ok=True)
+    _check_workdir_config(c, workdir)
+    mesh = make_mesh(c)
+    repl, data_sharding = NamedSharding(mesh, P()), NamedSharding(mesh, P("data"))
+
+    graphdef, tx, state, imnet = build_model_and_state(c, mesh)
+    imnet_graphdef, imnet_params = imnet if imnet else (None, None)
+    if imnet_params is not None:
+        imnet_params = jax.device_put(imnet_params, repl)
+    train_step = make_train_step(c, graphdef, tx, imnet_graphdef)
+    p_train_step = jax.jit(train_step, in_shardings=(repl, data_sharding, repl),
+                           out_shardings=(repl, repl), donate_argnums=0)
+    eval_step = make_eval_step(graphdef)
+
+    ckpt_dir = os.path.join(workdir, "checkpoints")
+    mngr = ocp.CheckpointManager(
+        ckpt_dir, item_names=("state", "data"),
+        options=ocp.CheckpointManagerOptions(max_to_keep=c.keep_checkpoints, create=True,
+                                             enable_async_checkpointing=True))
+    start_index = 0
+    latest = mngr.latest_step()
+    if latest is not None:
+        abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state)
+        try:
+            restored = mngr.restore(latest, args=ocp.args.Composite(
+                state=ocp.args.StandardRestore(abstract), data=ocp.args.JsonRestore()))
+        except (ValueError, KeyError, TypeError) as e:
+            raise WorkdirMismatchError(
+                f"the checkpoint at {ckpt_dir}/{latest} does not fit this model/config ({type(e).__name__}: "
+                f"{str(e)[:300]}). Use a new --workdir or the config that started the run.") from e
+        state = restored["state"]
+        start_index = int(restored["data"]["next_index"])
+        logging.info("resumed from step %d in %s", latest, ckpt_dir)
+    if jax.process_index() == 0:
+        _write_json_atomic(os.path.join(workdir, "config.json"), json.loads(c.to_json_best_effort()))
+
+    writer = _make_writer(workdir)
+    step = int(jax.device_get(state.step))
+    if step == 0 and jax.process_index() == 0:
+        _log_parameter_overview(state.params)
+    it = pipeline.train_iterator(c, start_index)
+    progress = _make_progress(c, writer)
+    metrics_path = os.path.join(workdir, "metrics.json")
+    history = json.load(open(metrics_path)) if os.path.exists(metrics_path) else {}
+    acc, acc_n, final = None, 0, {}
+    t0 = time.time()
+
+    def save(step_now):
+        # The state is replicated, so one device_get gives every host the full state; Orbax's
+        # own device-to-host transfer of 800+ replicated arrays was measured at 3.7 MiB/s here
+        # (14.5 s blocking the loop for a 55 MiB MiT-b0 state), device_get takes well under 1 s.
+        # The write itself stays asynchronous and atomic (temporary directory, then rename).
+        host_state = jax.device_get(state)
+        mngr.save(step_now, args=ocp.args.Composite(
+            state=ocp.args.StandardSave(host_state), data=ocp.args.JsonSave(it.get_state())), force=True)
+
+    def run_eval(step_now):
+        rec = {"student": _eval_record(evaluate(c, eval_step, mesh, state.params, state.batch_stats))}
+        if c.uda.self_training:
+            # The teacher is evaluated with the student's running statistics (it keeps none).
+            rec["teacher"] = _eval_record(evaluate(c, eval_step, mesh, state.teacher_params, state.batch_stats))
+        history[str(step_now)] = rec
+        if jax.process_index() == 0:
+            _write_json_atomic(metrics_path, history)
+            scal = {f"eval/{k}_miou": v["miou"] for k, v in rec.items()}
+            scal.update({f"eval/iou/{n}": v for n, v in rec["student"]["per_class_iou"].items() if v is not None})
+            writer.write_scalars(step_now, scal)
+            logging.info("step %d: student mIoU %.4f", step_now, rec["student"]["miou"])
+        return rec
+
+    with _Preemption() as preempt:
+        while step < c.total_steps:
+            batch = next(it)
+            batch = {k: jax.make_array_from_process_local_data(data_sharding, v) for k, v in batch.items()}
+            state, m = p_train_step(state, batch, imnet_params)
+            step += 1
+            # Sums for averaging; the non-finite bitmask is OR-ed (a sum would alias its bits).
+            acc = m if acc is None else {k: (acc[k] | v) if k == "nonfinite_mask" else acc[k] + v
+                                         for k, v in m.items()}
+            acc_n += 1
+            progress(step)
+            if step % c.log_every == 0 or step == c.total_steps or preempt.requested:
+                host = jax.device_get(acc)
+                bad = int(host.pop("nonfinite_mask"))
+                if bad:
+                    mngr.wait_until_finished()
+                    raise FloatingPointError(
+                        f"non-finite {', '.join(describe_nonfinite(bad))} between steps {step - acc_n + 1} and "
+                        f"{step}; those updates were skipped and the last checkpoint in {ckpt_dir} is intact. "
+                        "Lower the learning rate, check the inputs, or use float32 compute.")
+                final = {k: float(v) / acc_n for k, v in host.items()}
+                if jax.process_index() == 0:
+                    writer.write_scalars(step, final)
+                acc, acc_n = None, 0
+            if (c.eval_every and step % c.eval_every == 0) or step == c.total_steps:
+                final["eval"] = run_eval(step)
+            if step % c.checkpoint_every == 0 or step == c.total_steps or preempt.requested:
+                save(step)
+            if preempt.requested:
+                break
+    mngr.wait_until_finished()
+    mngr.close()
+    writer.flush()
+    logging.info("finished at step %d in %.1f s", step, time.time() - t0)
+    final["step"] = step
+    return final
+
+
+def _make_writer(workdir):
+    from clu import metric_writers
+    return metric_writers.create_default_writer(workdir, just_logging=jax.process_index() > 0)
+
+
+def _make_progress(c, writer):
+    from clu import periodic_actions
+    if jax.process_index() > 0:
+        return lambda step: None
+    report = periodic_actions.ReportProgress(num_train_steps=c.total_steps, writer=writer,
+                                             every_steps=c.log_every)
+    return lambda step: report(step)
+
+
+def _log_parameter_overview(params):
+    from clu import parameter_overview
+    try:
+        parameter_overview.log_parameter_overview(params.to_pure_dict())
+    except Exception as e:  # the overview is informational; never fail a run on it
+        logging.warning("parameter overview unavailable: %s", e)
