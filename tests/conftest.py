@@ -8,7 +8,9 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 import jax  # noqa: E402  (must come after the environment is set)
 
-jax.config.update("jax_default_matmul_precision", "highest")
+# No matmul-precision override: XLA:CPU computes float32 products in float32, and an override
+# would change the compiled programs' cache keys, so in-process tests could not reuse the train
+# step that the CLI tests compiled into the shared compilation cache.
 
 
 def pytest_report_header(config):
