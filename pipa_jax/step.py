@@ -74,13 +74,10 @@ def make_train_step(config: ml_collections.ConfigDict, graphdef, tx: optax.Gradi
             outs.append((emb, patch_ops.unflip(jax.lax.stop_gradient(logits), flag)))
         labels1, labels2 = (patch_ops.cell_labels(patch_ops.crop(labels_img, b, crop_hw), stride=8)
                             for b in (box1, box2))
-        inputs, push = patch_ops.patch_contrast_inputs(
+        return patch_ops.patch_contrast_loss(
             outs[0][0], outs[1][0], outs[0][1], outs[1][1], labels1, box1, box2, crop_hw, 8, bank,
-            labels2=labels2)
-        loss, counted = losses.directional_contrast_loss(
-            **inputs, temperature=c.pipa.patch.temperature,
+            labels2=labels2, temperature=c.pipa.patch.temperature,
             confidence_threshold=c.pipa.patch.confidence_threshold, chunk_size=c.pipa.patch.chunk_size)
-        return loss, counted, push
 
     def train_step(state: TrainState, batch: dict, imnet_params=None):
         rng = jax.random.fold_in(root_key, state.step)
