@@ -1,0 +1,190 @@
+"""The full DAFormer + PiPa train step on this machine: compile time, median step time, peak
+memory, the time split by stage, and the memory of the contrastive losses against N.
+
+  python benchmarks/train_step.py --variants b0,b5 --repeats 5 --out benchmarks/results/train_step
+
+Stage split: the step is built for a ladder of methods that each add one stage
+(source_only -> dacs -> daformer -> pixel_only -> pipa) and the medians are differenced:
+  source forward/backward + AdamW | + EMA teacher forward, ClassMix, strong augmentation and
+  the mixed forward/backward | + frozen ImageNet encoder forward and feature distance |
+  + pixel head and pixel contrast | + two overlapping crops through the student and patch contrast.
+The patch term runs from step 0 here (start_step = 0) so that it is timed.
+Timings are medians over repeats measured in one process; this machine is noisy, so compare
+ratios from the same run rather than absolute seconds across runs.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import resource
+import statistics
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from pipa_jax import config as config_lib
+from pipa_jax import losses, step as step_lib, train
+
+LADDER = ("source_only", "dacs", "daformer", "pixel_only", "pipa")
+STAGE_NAMES = {
+    "source_only": "source fwd+bwd, AdamW",
+    "dacs": "+ teacher fwd, ClassMix, augmentation, mixed fwd+bwd",
+    "daformer": "+ ImageNet encoder fwd, feature distance",
+    "pixel_only": "+ pixel head, pixel contrast",
+    "pipa": "+ 2 crops fwd+bwd, patch contrast",
+}
+
+
+def bench_config(variant: str, method: str, size: int, batch: int):
+    c = config_lib.base_config()
+    config_lib.apply_method(c, method)
+    c.model.backbone = f"mit_{variant}"
+    c.batch_size = batch
+    c.data.crop_size = (size, size)
+    c.data.image_size = (size, size)
+    c.pipa.patch.crop_size = (size * 3 // 4 // 32 * 32,) * 2
+    c.pipa.patch.start_step = 0
+    c.mesh_shape = -1
+    c.compilation_cache_dir = ""
+    return c
+
+
+def time_method(variant, method, size, batch, repeats):
+    c = bench_config(variant, method, size, batch)
+    mesh = train.make_mesh(c)
+    repl, data = NamedSharding(mesh, P()), NamedSharding(mesh, P("data"))
+    graphdef, tx, state, imnet = train.build_model_and_state(c, mesh)
+    fn = step_lib.make_train_step(c, graphdef, tx, imnet[0] if imnet else None)
+    imnet_params = jax.device_put(imnet[1], repl) if imnet else None
+    rng = np.random.default_rng(0)
+    batch_np = {
+        "source_image": rng.integers(0, 255, (batch, size, size, 3), dtype=np.uint8),
+        "source_label": rng.integers(0, 19, (batch, size, size), dtype=np.uint8),
+        "target_image": rng.integers(0, 255, (batch, size, size, 3), dtype=np.uint8),
+        "target_label": rng.integers(0, 19, (batch, size, size), dtype=np.uint8),
+    }
+    b = {k: jax.device_put(v, data) for k, v in batch_np.items()}
+    jitted = jax.jit(fn, in_shardings=(repl, data, repl), out_shardings=(repl, repl), donate_argnums=0)
+    t0 = time.perf_counter()
+    compiled = jitted.lower(state, b, imnet_params).compile()
+    compile_s = time.perf_counter() - t0
+    mem = compiled.memory_analysis()
+    need = sum(getattr(mem, a, 0) or 0 for a in ("temp_size_in_bytes", "argument_size_in_bytes", "output_size_in_bytes"))
+    ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    row = {"method": method, "compile_s": compile_s, "temp_bytes": getattr(mem, "temp_size_in_bytes", None),
+           "argument_bytes": getattr(mem, "argument_size_in_bytes", None),
+           "output_bytes": getattr(mem, "output_size_in_bytes", None)}
+    if need > 0.8 * ram:  # would swap or be killed: report XLA's estimate instead of running
+        return {**row, "step_s_median": float("nan"), "step_s_all": [],
+                "not_run": f"needs {need / 2**30:.1f} GiB by XLA's estimate; this machine has {ram / 2**30:.1f} GiB"}
+    state, m = compiled(state, b, imnet_params)  # warm-up
+    jax.block_until_ready(m)
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        state, m = compiled(state, b, imnet_params)
+        jax.block_until_ready(m)
+        times.append(time.perf_counter() - t)
+    return {**row, "step_s_median": statistics.median(times), "step_s_all": times}
+
+
+def contrastive_memory(dim=128):
+    """Compiled temporary memory of the loss gradients against N, next to a dense N x N matrix."""
+    rows = []
+    for n in (1024, 4096, 16384):
+        key = jax.random.key(0)
+        f = jax.random.normal(key, (n, dim))
+        f = f / jnp.linalg.norm(f, axis=-1, keepdims=True)
+        lab = jax.random.randint(key, (n,), 0, 19)
+        valid = jnp.ones((n,), bool)
+        pix = jax.jit(jax.grad(lambda x: losses.pixel_contrast_loss(x, lab, valid)))
+        pix_mem = pix.lower(f).compile().memory_analysis().temp_size_in_bytes
+        conf = jnp.full((n,), 0.5)
+        conf2 = jnp.full((n,), 0.95)
+        patch = jax.jit(jax.grad(lambda x: losses.directional_contrast_loss(
+            x, f, lab, conf, conf2, valid, f, lab, valid)[0]))
+        patch_mem = patch.lower(f).compile().memory_analysis().temp_size_in_bytes
+        rows.append({"n": n, "pixel_grad_temp_bytes": pix_mem, "patch_grad_temp_bytes": patch_mem,
+                     "dense_nxn_float32_bytes": 4 * n * n})
+    return rows
+
+
+def machine():
+    cpu = "unknown"
+    try:
+        cpu = next(l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return {"cpu": cpu, "nproc": os.cpu_count(), "python": platform.python_version(),
+            "jax": jax.__version__, "devices": f"{jax.device_count()} x {jax.devices()[0].platform}"}
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--variants", default="b0,b5")
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--size", type=int, default=512)
+    ap.add_argument("--batch", type=int, default=2)
+    ap.add_argument("--ladder_variants", default="b0", help="variants timed for the stage split")
+    ap.add_argument("--out", default="benchmarks/results/train_step")
+    args = ap.parse_args()
+    result = {"command": " ".join([os.path.basename(sys.executable)] + sys.argv),
+              "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+              "machine": machine(), "size": args.size, "batch_per_domain": args.batch, "variants": {}}
+    for v in args.variants.split(","):
+        methods = LADDER if v in args.ladder_variants.split(",") else ("pipa",)
+        rows = []
+        for method in methods:
+            r = time_method(v, method, args.size, args.batch, args.repeats)
+            print(f"mit_{v} {method}: compile {r['compile_s']:.1f} s, step {r['step_s_median']:.2f} s "
+                  f"{r.get('not_run', '')}", flush=True)
+            rows.append(r)
+        result["variants"][v] = rows
+    result["peak_rss_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    result["contrastive_memory"] = contrastive_memory()
+    os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
+    with open(args.out + ".json", "w") as f:
+        json.dump(result, f, indent=2)
+    with open(args.out + ".md", "w") as f:
+        f.write(render(result))
+    print(render(result))
+
+
+def render(r) -> str:
+    m = r["machine"]
+    lines = [f"# Train step benchmark ({r['date']})", "",
+             f"Command: `{r['command']}`  ", f"Machine: {m['cpu']}, {m['nproc']} cores, {m['devices']}, "
+             f"jax {m['jax']}, Python {m['python']}  ",
+             f"Step: DAFormer + PiPa, batch {r['batch_per_domain']} + {r['batch_per_domain']}, "
+             f"{r['size']}x{r['size']} crops, float32. Medians of the repeats in one process.", ""]
+    for v, rows in r["variants"].items():
+        lines += [f"## MiT-{v}", "", "| method (adds) | compile s | step s (median) | delta s | XLA temp MiB |",
+                  "|---|---|---|---|---|"]
+        prev = None
+        for row in rows:
+            delta = "" if prev is None else f"{row['step_s_median'] - prev:+.2f}"
+            temp = row["temp_bytes"] / 2**20 if row["temp_bytes"] is not None else float("nan")
+            step = f"{row['step_s_median']:.2f}" if not row.get("not_run") else f"not run: {row['not_run']}"
+            lines.append(f"| {row['method']} ({STAGE_NAMES[row['method']]}) | {row['compile_s']:.1f} | "
+                         f"{step} | {delta} | {temp:.0f} |")
+            prev = row["step_s_median"]
+        lines.append("")
+    lines += [f"Peak process RSS: {r['peak_rss_bytes'] / 2**30:.2f} GiB", "",
+              "## Contrastive losses: compiled temporary memory of the gradient", "",
+              "| N | pixel contrast MiB | patch contrast MiB | dense N x N float32 MiB |", "|---|---|---|---|"]
+    for row in r["contrastive_memory"]:
+        lines.append(f"| {row['n']} | {row['pixel_grad_temp_bytes'] / 2**20:.1f} | "
+                     f"{row['patch_grad_temp_bytes'] / 2**20:.1f} | {row['dense_nxn_float32_bytes'] / 2**20:.0f} |")
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    main()
