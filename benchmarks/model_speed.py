@@ -324,18 +324,20 @@ def run_rounds(cases, repeats, what=("forward", "train_step")):
     return runs
 
 
-def bench_main(variant, batch, size, repeats, warmup):
+PAIRS = (("jax_segformer", "torch_segformer"), ("jax_encoder", "torch_encoder"),
+         ("jax_daformer", "torch_segformer"))
+ROWS = ("jax_daformer", "torch_segformer", "jax_segformer", "jax_encoder", "torch_encoder")
+
+
+def bench_main(variant, batch, size, repeats, warmup, rows=ROWS):
     (jx, jy), (tx, ty) = inputs(batch, size)
-    log(f"[{variant}] building + compiling JAX models ...")
-    cases = [
-        JaxCase("jax_daformer", variant, "daformer", jx, jy),
-        JaxCase("jax_segformer", variant, "segformer", jx, jy),
-        JaxCase("jax_encoder", variant, "encoder", jx, jy),
-    ]
+    log(f"[{variant}] building + compiling JAX models {[r for r in rows if r.startswith('jax')]} ...")
+    cases = [JaxCase(name, variant, name.split("_", 1)[1], jx, jy) for name in ROWS
+             if name in rows and name.startswith("jax")]
     log(f"[{variant}] building PyTorch models ...")
-    cases += [TorchCase("torch_segformer", variant, "segformer", tx, ty),
-              TorchCase("torch_encoder", variant, "encoder", tx, ty)]
-    order = ["jax_daformer", "torch_segformer", "jax_segformer", "jax_encoder", "torch_encoder"]
+    cases += [TorchCase(name, variant, name.split("_", 1)[1], tx, ty) for name in ROWS
+              if name in rows and name.startswith("torch")]
+    order = list(ROWS)
     cases = sorted(cases, key=lambda c: order.index(c.name))
     for c in cases:
         if c.framework == "jax":
@@ -361,8 +363,9 @@ def bench_main(variant, batch, size, repeats, warmup):
             out[c.name]["attn_implementation"] = c.attn_impl
     # per-round ratios (same round = same load), then their median
     ratios = {}
-    for j, t in (("jax_segformer", "torch_segformer"), ("jax_encoder", "torch_encoder"),
-                 ("jax_daformer", "torch_segformer")):
+    for j, t in PAIRS:
+        if j not in runs or t not in runs:
+            continue
         for w in ("forward", "train_step"):
             per = [a / b for a, b in zip(runs[j][w], runs[t][w])]
             if not per:
@@ -521,7 +524,11 @@ def _med(d):
 
 
 def _ratio(r):
-    return f"{r['median_of_round_ratios']:.2f}" if r else "n/a"
+    if not r:
+        return "n/a"
+    if r.get("median_of_round_ratios") is None:
+        return f"{r['ratio_of_medians']:.2f}*"
+    return f"{r['median_of_round_ratios']:.2f}"
 
 
 def _row_compile(comp, key):
@@ -530,14 +537,21 @@ def _row_compile(comp, key):
 
 def write_markdown(path, res):
     m = res["machine"]
-    L = ["# Model speed: pipa_jax vs PyTorch (HF transformers) on CPU", "",
-         f"- command: `{res['command']}`",
-         f"- date: {res['date']} (wall time {res['wall_time_s']:.0f} s)",
+    runs = res.get("runs") or [{"command": res["command"], "date": res["date"], "wall_time_s": res["wall_time_s"],
+                                "loadavg_start": res["loadavg_start"], "loadavg_end": res.get("loadavg_end"),
+                                "variants": list(res["variants"]), "parts": bool(res.get("parts"))}]
+    L = ["# Model speed: pipa_jax vs PyTorch (HF transformers) on CPU", ""]
+    for q in runs:
+        L += [f"- command: `{q['command']}` -> {', '.join(q['variants']) or '-'}{' + single layers' if q['parts'] else ''}; "
+              f"date {q['date']}, wall time {q['wall_time_s']:.0f} s, load average start / end "
+              f"{q['loadavg_start']} / {q['loadavg_end']}"]
+    if len(runs) > 1:
+        L += [f"- combined with `python benchmarks/model_speed.py --combine <the runs' .json files>`"]
+    L += [
          f"- machine: {m['nproc']} cores, {m['cpu_model']}; {m['platform']}",
          f"- versions: jax {m['jax']} (backend {m['jax_backend']}), flax {m['flax']}, optax {m['optax']}, "
          f"torch {m['torch']} ({m['torch_threads']} threads, eager), transformers {m['transformers']}",
-         f"- load average at start / end: {res['loadavg_start']} / {res['loadavg_end']} "
-         "(shared machine, other jobs running; frameworks interleaved round by round)",
+         "- shared machine: other jobs ran at the same time (see the load averages); frameworks interleaved round by round",
          f"- input: batch {res['batch']}, {res['size']}x{res['size']}, float32. Train step = forward + backward + "
          "AdamW (lr 6e-5, wd 0.01) in train mode (batch-stat BN, dropout 0.1, drop path 0.1), one jitted "
          "function with donated state; forward = eval mode. Segmentation loss: mean cross-entropy of the "
@@ -557,11 +571,15 @@ def write_markdown(path, res):
           "jax_encoder/torch_encoder": "yes: same encoder",
           "jax_daformer/torch_segformer": "no: the DAFormer head does much more work than the all-MLP head"}
     for variant, r in res["variants"].items():
-        if "main" not in r:
-            L += [f"## MiT-{variant}: failed ({r.get('failed')})", ""]
+        if not r.get("main"):
+            L += [f"## MiT-{variant}: failed ({r.get('failed') or r.get('sections')})", ""]
             continue
         L += [f"## MiT-{variant} ({r['repeats']} timed rounds, {r['warmup']} extra warm-up rounds; "
               f"peak RSS of this process {r.get('peak_rss_mb', 0) / 1024:.1f} GiB)", "",
+              *([f"Processes: " + "; ".join(f"`{k.split(':', 2)[-1]}`" + (f" FAILED ({v['failed']})" if 'failed' in v else "")
+                                             for k, v in r["sections"].items())
+                 + " (one comparison per process; * = ratio of medians across processes).", ""]
+                if len(r.get("sections", {})) > 1 else []),
               "| row | model | params | forward | train step | compile forward | compile train step "
               "| XLA temp memory, train step |",
               "|---|---|---|---|---|---|---|---|"]
@@ -582,7 +600,7 @@ def write_markdown(path, res):
             for w in ("forward", "train_step"):
                 a, b = r["main"][j][w], r["main"][t][w]
                 mins = f" ({a['min'] / b['min']:.2f})" if a and b else ""
-                cells.append(_ratio(r["ratios"][f"{pair}:{w}"]) + mins)
+                cells.append(_ratio(r["ratios"].get(f"{pair}:{w}")) + mins)
             L.append(f"| {pair} | {txt} | {cells[0]} | {cells[1]} |")
         L.append("")
         if r.get("ablation_steps"):
@@ -643,9 +661,31 @@ def main(argv=None):
     p.add_argument("--parts", type=int, default=3, help="runs of the single-layer benchmark (0 to skip)")
     p.add_argument("--out", default="benchmarks/results/model_speed")
     p.add_argument("--render", metavar="JSON", help="only rewrite <out>.md from a results .json")
+    p.add_argument("--isolate-rows", default="b5",
+                   help="variants whose comparisons each run in a separate process (memory)")
     p.add_argument("--worker", help=argparse.SUPPRESS)      # internal: one section in this process
     p.add_argument("--worker-out", help=argparse.SUPPRESS)
+    p.add_argument("--combine", nargs="+", metavar="JSON",
+                   help="merge result files (later files' variants and parts win) into <out>.json/.md")
     args = p.parse_args(argv)
+    if args.combine:
+        parts = []
+        for path in args.combine:
+            with open(path) as f:
+                parts.append(json.load(f))
+        res = dict(parts[0])
+        res["runs"] = [{k: q.get(k) for k in ("command", "date", "wall_time_s", "loadavg_start", "loadavg_end")}
+                       | {"variants": list(q.get("variants", {})), "parts": bool(q.get("parts"))} for q in parts]
+        res["variants"] = {}
+        for q in parts:
+            res["variants"].update(q.get("variants", {}))
+            if q.get("parts"):
+                res["parts"], res["parts_repeats"] = q["parts"], q["parts_repeats"]
+        res["wall_time_s"] = sum(q.get("wall_time_s", 0) for q in parts)
+        with open(args.out + ".json", "w") as f:
+            json.dump(res, f, indent=1)
+        write_markdown(args.out + ".md", res)
+        return
     if args.render:
         with open(args.render) as f:
             write_markdown(args.out + ".md", json.load(f))
@@ -663,7 +703,14 @@ def main(argv=None):
            "machine": machine_info(), "loadavg_start": loadavg(), "batch": args.batch, "size": args.size,
            "variants": {}}
     log(json.dumps(res["machine"]))
-    sections = [f"variant:{v.strip()}" for v in args.variants.split(",") if v.strip()]
+    sections = []
+    for v in [v.strip() for v in args.variants.split(",") if v.strip()]:
+        if v in args.isolate_rows.split(","):
+            # one process per comparison: a b5 train step needs >12 GiB of XLA buffers
+            sections += [f"variant:{v}:jax_segformer+torch_segformer", f"variant:{v}:jax_encoder+torch_encoder",
+                         f"variant:{v}:jax_daformer"]
+        else:
+            sections.append(f"variant:{v}")
     if args.parts:
         sections.append("parts")
     os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
@@ -685,7 +732,7 @@ def main(argv=None):
         if section == "parts":
             res["parts_repeats"], res["parts"] = args.parts, out.get("parts")
         else:
-            res["variants"][section.split(":", 1)[1]] = out
+            merge_section(res["variants"], section, out)
     res["loadavg_end"] = loadavg()
     res["peak_rss_mb"] = max(peaks) if peaks else peak_rss_mb()
     res["wall_time_s"] = time.perf_counter() - t_start
@@ -695,9 +742,33 @@ def main(argv=None):
     log(f"wrote {args.out}.json and {args.out}.md ({res['wall_time_s']:.0f} s)")
 
 
+def merge_section(variants, section, out):
+    """Results of one process into res['variants'][variant]; rows of a comparison measured in
+    different processes get only a ratio of medians (marked * in the tables)."""
+    _, variant, *rows = section.split(":")
+    r = variants.setdefault(variant, {"main": {}, "ratios": {}, "sections": {}})
+    if "main" not in out:
+        r["sections"][section] = out
+        return
+    r["sections"][section] = {"peak_rss_mb": out.get("peak_rss_mb")}
+    r["peak_rss_mb"] = max(r.get("peak_rss_mb", 0), out.get("peak_rss_mb", 0))
+    r["main"].update(out.pop("main"))
+    r["ratios"].update(out.pop("ratios"))
+    r.update({k: v for k, v in out.items() if k != "peak_rss_mb"})
+    r["main"] = {k: r["main"][k] for k in ROWS if k in r["main"]}
+    for j, t in PAIRS:
+        for w in ("forward", "train_step"):
+            key = f"{j}/{t}:{w}"
+            if key not in r["ratios"] and j in r["main"] and t in r["main"] and r["main"][j][w] and r["main"][t][w]:
+                r["ratios"][key] = {"median_of_round_ratios": None, "note": "rows measured in different processes",
+                                    "ratio_of_medians": r["main"][j][w]["median"] / r["main"][t][w]["median"]}
+
+
 def run_worker(args):
     jax.block_until_ready(jax.jit(lambda a: a + 1)(jnp.zeros(3)))  # backend start-up outside timings
-    kind, _, variant = args.worker.partition(":")
+    kind, _, rest = args.worker.partition(":")
+    variant, _, rows = rest.partition(":")
+    rows = tuple(rows.split("+")) if rows else ROWS
     if kind == "parts":
         log("single layers ...")
         r = {"parts": bench_parts(args.batch, args.size, args.parts)}
@@ -706,13 +777,14 @@ def run_worker(args):
         repeats = args.repeats or DEFAULT_REPEATS.get(variant, 3)
         warmup = args.warmup if args.warmup is not None else DEFAULT_WARMUP.get(variant, 0)
         r = {"repeats": repeats, "warmup": warmup}
-        main_res, ratios = bench_main(variant, args.batch, args.size, repeats, warmup)
+        main_res, ratios = bench_main(variant, args.batch, args.size, repeats, warmup, rows)
         r["main"], r["ratios"] = main_res, ratios
         log(json.dumps({k: v and round(v["median_of_round_ratios"], 3) for k, v in ratios.items()}))
-        if variant in args.ablation_steps.split(","):
+        last = "jax_daformer" in rows  # the design-choice parts run with the DAFormer row
+        if last and variant in args.ablation_steps.split(","):
             log(f"[{variant}] design choices, encoder alone: compile + run time ...")
             r["ablation_steps"] = bench_ablation_steps(variant, args.batch, args.size, combos, repeats, warmup)
-        if variant in args.ablation_compile.split(","):
+        if last and variant in args.ablation_compile.split(","):
             log(f"[{variant}] design choices: compile time of the DAFormer Segmentor ...")
             # the default (shift, scan) was compiled in the main run with concrete parameters
             ac = {"dwconv=shift,scan_blocks=True": dict(main_res["jax_daformer"]["compile"], note="from the main run",
