@@ -663,6 +663,7 @@ def main(argv=None):
     p.add_argument("--render", metavar="JSON", help="only rewrite <out>.md from a results .json")
     p.add_argument("--isolate-rows", default="b5",
                    help="variants whose comparisons each run in a separate process (memory)")
+    p.add_argument("--rows", default="", help="with --isolate-rows: only the processes holding these rows")
     p.add_argument("--worker", help=argparse.SUPPRESS)      # internal: one section in this process
     p.add_argument("--worker-out", help=argparse.SUPPRESS)
     p.add_argument("--combine", nargs="+", metavar="JSON",
@@ -674,13 +675,29 @@ def main(argv=None):
             with open(path) as f:
                 parts.append(json.load(f))
         res = dict(parts[0])
-        res["runs"] = [{k: q.get(k) for k in ("command", "date", "wall_time_s", "loadavg_start", "loadavg_end")}
-                       | {"variants": list(q.get("variants", {})), "parts": bool(q.get("parts"))} for q in parts]
-        res["variants"] = {}
-        for q in parts:
-            res["variants"].update(q.get("variants", {}))
+        res["variants"], source, parts_source = {}, {}, None
+        for i, q in enumerate(parts):
+            for v, r in q.get("variants", {}).items():
+                if v not in res["variants"]:
+                    res["variants"][v] = json.loads(json.dumps(r))
+                    res["variants"][v].setdefault("sections", {})
+                else:  # row by row: later runs replace the rows they measured
+                    d = res["variants"][v]
+                    # ratios that involve a replaced row are recomputed (or marked cross-process)
+                    d["ratios"] = {k: x for k, x in d["ratios"].items()
+                                   if not any(row in k.split(":")[0].split("/") for row in r["main"])}
+                    d["main"].update(r["main"])
+                    d["ratios"].update({k: x for k, x in r["ratios"].items() if x is not None or k not in d["ratios"]})
+                    d["sections"].update(r.get("sections", {}))
+                    d.update({k: x for k, x in r.items() if k not in ("main", "ratios", "sections")})
+                    fill_cross_ratios(d)
+                source.setdefault(v, set()).add(i)
             if q.get("parts"):
-                res["parts"], res["parts_repeats"] = q["parts"], q["parts_repeats"]
+                res["parts"], res["parts_repeats"], parts_source = q["parts"], q["parts_repeats"], i
+        res["runs"] = [{k: q.get(k) for k in ("command", "date", "wall_time_s", "loadavg_start", "loadavg_end")}
+                       | {"variants": [v for v, i_ in source.items() if i in i_], "parts": parts_source == i,
+                          "file": path}
+                       for i, (q, path) in enumerate(zip(parts, args.combine))]
         res["wall_time_s"] = sum(q.get("wall_time_s", 0) for q in parts)
         with open(args.out + ".json", "w") as f:
             json.dump(res, f, indent=1)
@@ -707,8 +724,9 @@ def main(argv=None):
     for v in [v.strip() for v in args.variants.split(",") if v.strip()]:
         if v in args.isolate_rows.split(","):
             # one process per comparison: a b5 train step needs >12 GiB of XLA buffers
-            sections += [f"variant:{v}:jax_segformer+torch_segformer", f"variant:{v}:jax_encoder+torch_encoder",
-                         f"variant:{v}:jax_daformer"]
+            iso = [f"variant:{v}:jax_segformer+torch_segformer", f"variant:{v}:jax_encoder+torch_encoder",
+                   f"variant:{v}:jax_daformer"]
+            sections += [x for x in iso if not args.rows or set(x.split(":")[2].split("+")) & set(args.rows.split(","))]
         else:
             sections.append(f"variant:{v}")
     if args.parts:
@@ -755,11 +773,17 @@ def merge_section(variants, section, out):
     r["main"].update(out.pop("main"))
     r["ratios"].update(out.pop("ratios"))
     r.update({k: v for k, v in out.items() if k != "peak_rss_mb"})
+    fill_cross_ratios(r)
+
+
+def fill_cross_ratios(r):
     r["main"] = {k: r["main"][k] for k in ROWS if k in r["main"]}
     for j, t in PAIRS:
         for w in ("forward", "train_step"):
             key = f"{j}/{t}:{w}"
-            if key not in r["ratios"] and j in r["main"] and t in r["main"] and r["main"][j][w] and r["main"][t][w]:
+            stale = key in r["ratios"] and (r["ratios"][key] is None
+                                            or r["ratios"][key].get("median_of_round_ratios") is None)
+            if (key not in r["ratios"] or stale) and j in r["main"] and t in r["main"] and r["main"][j][w] and r["main"][t][w]:
                 r["ratios"][key] = {"median_of_round_ratios": None, "note": "rows measured in different processes",
                                     "ratio_of_medians": r["main"][j][w]["median"] / r["main"][t][w]["median"]}
 
