@@ -131,6 +131,9 @@ def validate(c: ml_collections.ConfigDict, num_devices: int) -> None:
                 f"multiples of 32 no larger than data.crop_size {tuple(c.data.crop_size)}")
         if not c.model.patch_head:
             err("model.patch_head", False, "True when pipa.patch.enabled")
+        if not c.uda.self_training:
+            # The patch term contrasts crops of the mixed image, which only self-training makes.
+            err("pipa.patch.enabled", True, "False when uda.self_training is False (it needs the mixed image)")
     if c.pipa.pixel.enabled and not c.model.pixel_head:
         err("model.pixel_head", False, "True when pipa.pixel.enabled")
     if not 0 < c.uda.ema_alpha < 1:

@@ -42,7 +42,8 @@ def make_train_step(config: ml_collections.ConfigDict, graphdef, tx: optax.Gradi
     pixel_on, patch_on, fd_on = c.pipa.pixel.enabled, c.pipa.patch.enabled, c.uda.fd
     if fd_on and imnet_graphdef is None:
         raise ValueError("uda.fd needs the frozen ImageNet encoder (imnet_graphdef)")
-    patch_on = patch_on and st
+    if patch_on and not st:
+        raise ValueError("pipa.patch.enabled needs uda.self_training (see config.validate)")
     crop_hw = tuple(c.pipa.patch.crop_size)
     schedule = learning_rate_schedule(c, c.optimizer.learning_rate)
     root_key = jax.random.key(c.seed)

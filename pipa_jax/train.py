@@ -27,7 +27,7 @@ from pipa_jax.data import pipeline
 from pipa_jax.labels import CLASS_NAMES, NUM_CLASSES
 from pipa_jax.models import build_segmentor, layers
 from pipa_jax.optim import make_optimizer
-from pipa_jax.state import TrainState, create_train_state
+from pipa_jax.state import create_train_state
 from pipa_jax.step import describe_nonfinite, make_train_step, normalize
 from pipa_jax.uda import patch as patch_ops
 
@@ -119,7 +119,7 @@ def build_model_and_state(c, mesh):
     graphdef, params, batch_stats = nnx.split(model, nnx.Param, nnx.BatchStat)
     tx = make_optimizer(c, params)
     bank = {}
-    if c.pipa.patch.enabled and c.uda.self_training:
+    if c.pipa.patch.enabled:
         size = c.pipa.patch.bank_steps * 2 * c.pipa.patch.bank_cells  # steps x 2 crops x cells
         bank = patch_ops.init_bank(size, c.model.patch_proj_dim)
     repl = NamedSharding(mesh, P())
@@ -207,7 +207,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     it = pipeline.train_iterator(c, start_index)
     progress = _make_progress(c, writer)
     metrics_path = os.path.join(workdir, "metrics.json")
-    history = json.load(open(metrics_path)) if os.path.exists(metrics_path) else {}
+    history = {}
+    if os.path.exists(metrics_path):
+        with open(metrics_path) as f:
+            history = json.load(f)
     acc, acc_n, final = None, 0, {}
     t0 = time.time()
 

@@ -217,6 +217,10 @@ def test_bad_config_values_are_clear_errors():
     c.data.crop_size = (100, 64)
     with pytest.raises(ValueError, match="data.crop_size"):
         config_lib.validate(c, 8)
+    c = load_config()
+    c.uda.self_training = False
+    with pytest.raises(ValueError, match="pipa.patch.enabled = True: expected False when uda.self_training"):
+        config_lib.validate(c, 8)
     with pytest.raises(ValueError, match="unknown method 'fancy'"):
         load_config("method=fancy")
     for method in config_lib.METHODS:
