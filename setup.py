@@ -23,6 +23,12 @@ setup(
         "grain>=0.2.18",
         "numpy>=2.0",
         "pillow>=10.0",
+        # SYNTHIA labels are 16-bit RGB PNGs, which Pillow silently reduces to 8 bits (every class
+        # id becomes 0). pipa_jax reads both bytes through Pillow's decoder and falls back to pypng
+        # (pure Python, no binary wheels), which also explains malformed files.
+        "pypng>=0.20220715",
+        # Progress bars of prepare_data (TFDS depends on it too).
+        "tqdm>=4.60",
         "absl-py>=2.0",
         # On-device photometric ops (brightness, saturation, hue) of the DACS strong augmentation.
         "dm-pix>=0.4.5",

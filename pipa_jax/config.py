@@ -29,8 +29,25 @@ def base_config() -> ml_collections.ConfigDict:
     c.model = default_model_config()
 
     c.data = ml_collections.ConfigDict()
-    c.data.source = "synthetic_source"   # 'synthetic_source' (later: 'gta', 'synthia')
-    c.data.target = "synthetic_target"   # 'synthetic_target' (later: 'cityscapes')
+    c.data.source = "synthetic_source"   # 'synthetic_source', 'gta' or 'synthia'
+    c.data.target = "synthetic_target"   # 'synthetic_target' or 'cityscapes'
+    # Real datasets (METHOD.md §8-9; prepare each root once: python -m pipa_jax.tools.prepare_data).
+    c.data.format = "files"              # 'files': the official layouts under the roots below;
+                                         # 'tfds': array_record datasets built by pipa_jax.data.tfds_builders
+    c.data.source_root = ""              # GTA5 root (images/, labels/) or SYNTHIA root (RGB/, GT/LABELS/)
+    c.data.target_root = ""              # Cityscapes root (leftImg8bit/, gtFine/)
+    c.data.tfds_data_dir = ""            # format 'tfds': TFDS data_dir ('' = TFDS's default)
+    c.data.source_size = (1280, 720)     # keep-ratio resize (long side, short side): GTA 1914x1052 -> 1280x704;
+                                         # SYNTHIA recipes use (1280, 760), HRDA (2560, 1440)
+    c.data.target_size = (1024, 512)     # Cityscapes train and test resize (long, short); PiPa's release (1280, 640)
+    c.data.source_cat_max_ratio = 0.75   # source crops redrawn (<= 10x) until no class covers >= this; 1 = off
+    c.data.workers = 0                   # grain worker processes (mp_prefetch); 0 = threads in this process.
+                                         # GTA-size decoding needs ~4-8 on a GPU/TPU host
+    c.data.rcs = ml_collections.ConfigDict()   # Rare Class Sampling on the source (needs prepared statistics)
+    c.data.rcs.enabled = False           # True in the GTA5 / SYNTHIA recipes (synthetic sources have no statistics)
+    c.data.rcs.temperature = 0.1         # T in softmax((1 - f_c) / T): PiPa's released DAFormer config 0.1; DAFormer/HRDA 0.01
+    c.data.rcs.min_pixels = 3000         # an image is a candidate for class c if it holds > this many pixels of c
+    c.data.rcs.min_crop_ratio = 0.5      # re-crop (<= 10x) until > min_pixels * ratio pixels of c (HRDA: 2.0; 0 = off)
     c.data.crop_size = (512, 512)        # training crop (height, width)
     c.data.image_size = (256, 512)       # synthetic sources: rendered (height, width)
     c.data.num_train = 2000              # synthetic sources: examples per domain (train split)
@@ -38,6 +55,18 @@ def base_config() -> ml_collections.ConfigDict:
     c.data.flip = True                   # random horizontal flip p=0.5
     c.data.eval_batch_size = 4           # global
     c.data.prefetch = 2                  # batches prepared ahead by host threads
+
+    # Evaluation on the target val split and prediction (pipa_jax.inference, METHOD.md §6, §8).
+    # The val source delivers images at the test size (data.target_size; pipa_jax.predict resizes
+    # any image into the same box) and labels at FULL resolution; logits are computed at the test
+    # size, bilinearly upsampled to the label size before the argmax, and one confusion matrix is
+    # summed over the whole split.
+    c.eval = ml_collections.ConfigDict()
+    c.eval.mode = "whole"                # 'whole' (DAFormer, PiPa-DAFormer) or 'slide' (HRDA)
+    c.eval.crop_size = (1024, 1024)      # slide: window (height, width) on the test-size image
+    c.eval.stride = (512, 512)           # slide: window step (height, width), at most crop_size;
+                                         # logits of overlapping windows are averaged
+    c.eval.miou_subsets = (19,)          # mIoU rows reported: 19 and SYNTHIA's 16 / 13 classes
 
     c.optimizer = ml_collections.ConfigDict()
     c.optimizer.learning_rate = 6e-5
@@ -88,6 +117,12 @@ def base_config() -> ml_collections.ConfigDict:
     c.pipa.patch.bank_cells = 1600       # cells pushed per crop per step
     c.pipa.patch.flip = True             # independent flips of the two crops
     c.pipa.patch.chunk_size = 256
+
+    # What a finished run leaves for a person: iou_table.md and predictions.png (pipa_jax.report).
+    c.report = ml_collections.ConfigDict()
+    c.report.grid_images = 6             # target val images in predictions.png (0: no picture)
+    c.report.tile_width = 256            # pixels per picture column
+    c.report.baseline_workdir = ""       # a finished run (e.g. source-only) whose predictions get a column
     return c
 
 
@@ -138,5 +173,50 @@ def validate(c: ml_collections.ConfigDict, num_devices: int) -> None:
         err("model.pixel_head", False, "True when pipa.pixel.enabled")
     if not 0 < c.uda.ema_alpha < 1:
         err("uda.ema_alpha", c.uda.ema_alpha, "a value in (0, 1)")
+    if c.eval.mode not in ("whole", "slide"):
+        err("eval.mode", c.eval.mode, "'whole' or 'slide'")
+    if c.eval.mode == "slide":
+        (eh, ew), (sh, sw) = c.eval.crop_size, c.eval.stride
+        if min(eh, ew, sh, sw) <= 0 or sh > eh or sw > ew:
+            err("eval.stride", tuple(c.eval.stride),
+                f"positive and no larger than eval.crop_size {tuple(c.eval.crop_size)}")
+    if any(int(n) not in (19, 16, 13) for n in c.eval.miou_subsets):
+        err("eval.miou_subsets", tuple(c.eval.miou_subsets), "a tuple of 19, 16, 13")
+    _validate_data(c.data, err)
     if c.model.num_classes != 19:
         err("model.num_classes", c.model.num_classes, "19 (Cityscapes train ids)")
+
+
+def _validate_data(d: ml_collections.ConfigDict, err) -> None:
+    sources, targets = ("synthetic_source", "gta", "synthia"), ("synthetic_target", "cityscapes")
+    if d.source not in sources:
+        err("data.source", d.source, f"one of {sources}")
+    if d.target not in targets:
+        err("data.target", d.target, f"one of {targets}")
+    if d.format not in ("files", "tfds"):
+        err("data.format", d.format, "'files' (official layouts) or 'tfds' (array_record datasets)")
+    if d.format == "files":
+        if d.source in ("gta", "synthia") and not d.source_root:
+            err("data.source_root", d.source_root, f"the {d.source} dataset root, e.g. "
+                f"--config.data.source_root=/data/{d.source}")
+        if d.target == "cityscapes" and not d.target_root:
+            err("data.target_root", d.target_root,
+                "the Cityscapes root, e.g. --config.data.target_root=/data/cityscapes")
+    for key in ("source_size", "target_size"):
+        size = tuple(d[key])
+        if len(size) != 2 or any(int(v) != v or v <= 0 for v in size):
+            err(f"data.{key}", size, "(long side, short side), two positive integers")
+    if not 0 < d.source_cat_max_ratio <= 1:
+        err("data.source_cat_max_ratio", d.source_cat_max_ratio, "a value in (0, 1] (1 disables the rule)")
+    if int(d.workers) != d.workers or d.workers < 0:
+        err("data.workers", d.workers, "an integer >= 0 (0: threads only)")
+    if d.rcs.enabled:
+        if d.source not in ("gta", "synthia"):
+            err("data.rcs.enabled", True, f"False for the source {d.source!r} (RCS needs the class "
+                "statistics of a prepared GTA5 / SYNTHIA root)")
+        if not d.rcs.temperature > 0:
+            err("data.rcs.temperature", d.rcs.temperature, "a positive number")
+        if d.rcs.min_pixels < 0:
+            err("data.rcs.min_pixels", d.rcs.min_pixels, "a number >= 0")
+        if d.rcs.min_crop_ratio < 0:
+            err("data.rcs.min_crop_ratio", d.rcs.min_crop_ratio, "a number >= 0 (0: no re-crop)")

@@ -2,13 +2,16 @@
 
 Training batches come from a grain MapDataset: shuffled, repeated, randomly cropped and flipped
 per index with a seed, so batch t is a pure function of (seed, t). The iterator's state is one
-integer, saved with every checkpoint, which makes resume exact. Decoding and cropping run on
-host threads; normalisation, mixing and augmentation run on device inside the step.
-Each process reads only its slice of every global batch (multi-host).
+integer, saved with every checkpoint, which makes resume exact. Decoding, resizing and cropping
+run on host threads or grain worker processes (data.workers, see TrainIterator); normalisation,
+mixing and augmentation run on device inside the step. Each process reads only its slice of
+every global batch (multi-host). Real datasets (GTA5, SYNTHIA, Cityscapes) come from
+pipa_jax.data.sources (official layouts) or pipa_jax.data.tfds_builders (array_record);
+Rare Class Sampling and the crop rules live in pipa_jax.data.transforms.
 """
 from __future__ import annotations
 
-import dataclasses
+import sys
 
 import grain
 import jax
@@ -16,40 +19,51 @@ import ml_collections
 import numpy as np
 
 from pipa_jax import labels as L
+from pipa_jax.data import sources
 from pipa_jax.data.synthetic import SyntheticSource
+from pipa_jax.data.transforms import RandomCropFlip, RareClassSampling
+
+SYNTHETIC = ("synthetic_source", "synthetic_target")
+REAL = ("gta", "synthia", "cityscapes")   # GTA5 / SYNTHIA: source domain; Cityscapes: target
+
+
+def source_size(name: str, c: ml_collections.ConfigDict) -> tuple[int, int]:
+    """(long, short) keep-ratio size of a real dataset: Cityscapes uses data.target_size (also
+    at test time), GTA5 / SYNTHIA data.source_size."""
+    return tuple(c.data.target_size) if name == "cityscapes" else tuple(c.data.source_size)
 
 
 def make_source(name: str, split: str, c: ml_collections.ConfigDict):
-    """A random-access source of {'image': uint8 [H,W,3], 'label': uint8 [H,W]} by config name."""
-    h, w = c.data.image_size
-    if name in ("synthetic_source", "synthetic_target"):
+    """A random-access source of {'image': uint8 [H,W,3], 'label': uint8 [H,W], 'name': str}.
+
+    Names: 'synthetic_source' / 'synthetic_target' (procedural, no files), 'gta' and 'synthia'
+    (split 'train', root data.source_root, resized to data.source_size), 'cityscapes' (splits
+    'train' / 'val', root data.target_root, resized to data.target_size). Cityscapes 'val' keeps
+    the label at full resolution (the evaluator upsamples logits to it). With
+    data.format == 'tfds' the real datasets come from the array_record datasets built by
+    pipa_jax.data.tfds_builders in data.tfds_data_dir instead of the file layouts.
+    """
+    if name in SYNTHETIC:
+        h, w = c.data.image_size
         n = c.data.num_train if split == "train" else c.data.num_val
         return SyntheticSource(name.split("_")[1], split, n, h, w, seed=c.seed)
-    raise ValueError(f"unknown data source {name!r}; expected 'synthetic_source' or 'synthetic_target' "
-                     "(GTA5 / SYNTHIA / Cityscapes loaders come with the real-data layer)")
-
-
-@dataclasses.dataclass(frozen=True)
-class RandomCropFlip:
-    """Random crop to `crop_hw` (zero / 255 padding when smaller) and horizontal flip p=0.5."""
-    crop_hw: tuple[int, int]
-    flip: bool = True
-
-    def __call__(self, ex, rng: np.random.Generator):
-        img, lab = ex["image"], ex["label"]
-        ch, cw = self.crop_hw
-        h, w = lab.shape
-        if h < ch or w < cw:
-            ph, pw = max(ch - h, 0), max(cw - w, 0)
-            img = np.pad(img, ((0, ph), (0, pw), (0, 0)))
-            lab = np.pad(lab, ((0, ph), (0, pw)), constant_values=L.IGNORE_INDEX)
-            h, w = lab.shape
-        y = int(rng.integers(0, h - ch + 1))
-        x = int(rng.integers(0, w - cw + 1))
-        img, lab = img[y:y + ch, x:x + cw], lab[y:y + ch, x:x + cw]
-        if self.flip and rng.random() < 0.5:
-            img, lab = img[:, ::-1], lab[:, ::-1]
-        return {"image": np.ascontiguousarray(img), "label": np.ascontiguousarray(lab)}
+    if name in REAL:
+        full_res_label = name == "cityscapes" and split == "val"
+        size = source_size(name, c)
+        if c.data.format == "tfds":
+            from pipa_jax.data import tfds_builders  # imports TFDS only when asked for
+            return tfds_builders.TfdsSource(name, split, c.data.tfds_data_dir or None, size,
+                                            full_res_label)
+        if c.data.format != "files":
+            raise ValueError(f"config.data.format = {c.data.format!r}: expected 'files' or 'tfds'")
+        root = c.data.target_root if name == "cityscapes" else c.data.source_root
+        if not root:
+            key = "target_root" if name == "cityscapes" else "source_root"
+            raise sources.DatasetLayoutError(
+                f"config.data.{key} is empty: set it to the {name} root, e.g. "
+                f"--config.data.{key}=/data/{name} (then run {sources.prepare_command(name, '/data/' + name)} once)")
+        return sources.FileSource(name, root, split, size, full_res_label)
+    raise ValueError(f"unknown data source {name!r}; expected one of {SYNTHETIC + REAL}")
 
 
 def _combine(pair):
@@ -58,24 +72,91 @@ def _combine(pair):
             "target_image": tgt["image"], "target_label": tgt["label"]}
 
 
+def source_dataset(c: ml_collections.ConfigDict) -> grain.MapDataset:
+    """Infinite source-domain stream of cropped examples; element i is a function of (seed, i)."""
+    src = make_source(c.data.source, "train", c)
+    crop = RandomCropFlip(tuple(c.data.crop_size), c.data.flip, float(c.data.source_cat_max_ratio))
+    if c.data.rcs.enabled:
+        if not hasattr(src, "class_stats"):
+            raise ValueError(
+                f"config.data.rcs.enabled = True, but the source {c.data.source!r} has no class "
+                "statistics (Rare Class Sampling is for GTA5 / SYNTHIA); set --config.data.rcs.enabled=False")
+        rcs = RareClassSampling(src, src.class_stats(), crop, c.data.rcs.temperature,
+                                c.data.rcs.min_pixels, c.data.rcs.min_crop_ratio)
+        # Every element samples its own class and image (with replacement), as the official code.
+        return grain.MapDataset.range(sys.maxsize).seed(c.seed).random_map(rcs)
+    return grain.MapDataset.source(src).seed(c.seed).shuffle().repeat(None).random_map(crop)
+
+
+def target_dataset(c: ml_collections.ConfigDict) -> grain.MapDataset:
+    """Infinite target-domain stream: shuffled epochs, unconstrained crops."""
+    crop = RandomCropFlip(tuple(c.data.crop_size), c.data.flip)
+    tgt = grain.MapDataset.source(make_source(c.data.target, "train", c)).seed(c.seed + 1)
+    return tgt.shuffle().repeat(None).random_map(crop)
+
+
 def train_dataset(c: ml_collections.ConfigDict) -> grain.MapDataset:
     """This process's batches: element t is its share of global batch t."""
-    crop = RandomCropFlip(tuple(c.data.crop_size), c.data.flip)
-    src = grain.MapDataset.source(make_source(c.data.source, "train", c)).seed(c.seed)
-    tgt = grain.MapDataset.source(make_source(c.data.target, "train", c)).seed(c.seed + 1)
-    src = src.shuffle().repeat(None).random_map(crop)
-    tgt = tgt.shuffle().repeat(None).random_map(crop)
-    pairs = grain.experimental.ZipMapDataset([src, tgt]).map(_combine)
+    pairs = grain.experimental.ZipMapDataset([source_dataset(c), target_dataset(c)]).map(_combine)
     n_proc, pid = jax.process_count(), jax.process_index()
     return pairs[pid::n_proc].batch(c.batch_size // n_proc, drop_remainder=True)
 
 
-def train_iterator(c: ml_collections.ConfigDict, start_index: int = 0):
-    it = iter(train_dataset(c).to_iter_dataset(
-        grain.ReadOptions(num_threads=max(1, c.data.prefetch), prefetch_buffer_size=c.data.prefetch)))
-    if start_index:
-        it.set_state({"next_index": int(start_index)})
-    return it
+class TrainIterator:
+    """Iterator over `train_dataset(c)` from batch `start_index` on, with the trainer's
+    checkpoint contract: `get_state()` == {'next_index': k} (k = the next batch's index) and
+    `set_state` / `train_iterator(c, k)` continue exactly there.
+
+    Parallelism: data.workers == 0 reads in this process with grain's ReadOptions threads
+    (data.prefetch of them); PNG decoding (zlib) and the NumPy resizes release the GIL only in
+    part, so threads give well under one core per thread. data.workers > 0 adds grain's
+    mp_prefetch: that many worker processes, each producing whole batches in turn, which
+    scales with cores (what GTA-size decoding needs on a GPU host) at the price of a few seconds
+    of worker start-up. Because every batch is a pure function of (seed, index), resuming just
+    slices the dataset at k, so the state stays one integer in both modes.
+    """
+
+    def __init__(self, c: ml_collections.ConfigDict, start_index: int = 0):
+        self._dataset = train_dataset(c)
+        self._threads = max(1, int(c.data.prefetch))
+        self._workers = int(c.data.workers)
+        self._start(int(start_index))
+
+    def _start(self, k: int):
+        ds = self._dataset[k:] if k else self._dataset
+        it_ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=self._threads,
+                                                     prefetch_buffer_size=self._threads))
+        if self._workers > 0:
+            from absl import flags
+            if not flags.FLAGS.is_parsed():  # grain's worker processes read absl flags
+                flags.FLAGS.mark_as_parsed()
+            it_ds = it_ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=self._workers,
+                                                                   per_worker_buffer_size=2))
+        self._it = iter(it_ds)
+        self._next_index = k
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        batch = next(self._it)
+        self._next_index += 1
+        return batch
+
+    def get_state(self) -> dict:
+        return {"next_index": self._next_index}
+
+    def set_state(self, state: dict) -> None:
+        self._start(int(state["next_index"]))
+
+    def close(self) -> None:
+        close = getattr(self._it, "close", None)
+        if close is not None:
+            close()
+
+
+def train_iterator(c: ml_collections.ConfigDict, start_index: int = 0) -> TrainIterator:
+    return TrainIterator(c, start_index)
 
 
 def eval_batches(c: ml_collections.ConfigDict):
