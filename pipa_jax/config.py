@@ -27,6 +27,10 @@ def base_config() -> ml_collections.ConfigDict:
     c.compilation_cache_dir = "~/.cache/pipa_jax/xla"
 
     c.model = default_model_config()
+    # ImageNet-pretrained encoder to start from: a model directory written by
+    # tools.convert_checkpoint, or an official mit_b*.pth. '' = random initialisation.
+    c.model.pretrained = ""
+    c.model.require_pretrained = False   # True: refuse to start without model.pretrained
 
     c.data = ml_collections.ConfigDict()
     c.data.source = "synthetic_source"   # 'synthetic_source', 'gta' or 'synthia'
@@ -171,6 +175,12 @@ def validate(c: ml_collections.ConfigDict, num_devices: int) -> None:
             err("pipa.patch.enabled", True, "False when uda.self_training is False (it needs the mixed image)")
     if c.pipa.pixel.enabled and not c.model.pixel_head:
         err("model.pixel_head", False, "True when pipa.pixel.enabled")
+    if c.model.require_pretrained and not c.model.pretrained:
+        err("model.pretrained", c.model.pretrained,
+            f"the ImageNet {c.model.backbone} weights this recipe starts from: convert mit_bX.pth once with "
+            "`python -m pipa_jax.tools.convert_checkpoint --input mit_b5.pth --output pretrained/mit_b5` and "
+            "pass --config.model.pretrained=pretrained/mit_b5 (or the .pth path); "
+            "--config.model.require_pretrained=False trains from random weights")
     if not 0 < c.uda.ema_alpha < 1:
         err("uda.ema_alpha", c.uda.ema_alpha, "a value in (0, 1)")
     if c.eval.mode not in ("whole", "slide"):

@@ -31,7 +31,11 @@ def save_model(directory: str, model: Segmentor, model_config: ml_collections.Co
     }
     with ocp.StandardCheckpointer() as ckptr:
         ckptr.save(os.path.join(directory, "model"), tree, force=True)
-    _write_json(os.path.join(directory, "model_config.json"), model_config.to_dict())
+    # Only the architecture: run settings kept in a training config's model group (such as
+    # `pretrained`) describe how a run started, not the model in this directory.
+    arch = set(default_model_config().keys())
+    _write_json(os.path.join(directory, "model_config.json"),
+                {k: v for k, v in model_config.to_dict().items() if k in arch})
     if source is not None:
         _write_json(os.path.join(directory, "source.json"), source)
     return directory

@@ -22,13 +22,13 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from pipa_jax import config as config_lib
-from pipa_jax import convert, metrics as metrics_lib, model_io
+from pipa_jax import convert, inference, metrics as metrics_lib, model_io, report
 from pipa_jax.data import pipeline
-from pipa_jax.labels import CLASS_NAMES, NUM_CLASSES
-from pipa_jax.models import build_segmentor, layers
+from pipa_jax.labels import CLASS_NAMES
+from pipa_jax.models import build_segmentor
 from pipa_jax.optim import make_optimizer
 from pipa_jax.state import create_train_state
-from pipa_jax.step import describe_nonfinite, make_train_step, normalize
+from pipa_jax.step import describe_nonfinite, make_train_step
 from pipa_jax.uda import patch as patch_ops
 
 
@@ -39,6 +39,9 @@ class WorkdirMismatchError(ValueError):
 # Fields that must agree between a checkpoint and the config that resumes it.
 _IDENTITY_FIELDS = ("model", "data.crop_size", "batch_size", "seed", "pipa.patch.bank_cells",
                     "pipa.patch.bank_steps")
+# Model fields that do not change what a checkpoint holds (how it computes, where it started):
+# a run may resume with other values, e.g. remat=True after running out of memory.
+_FREE_MODEL_FIELDS = ("pretrained", "require_pretrained", "dwconv_impl", "conv_impl", "remat", "dtype")
 
 
 def make_mesh(c: ml_collections.ConfigDict) -> jax.sharding.Mesh:
@@ -65,6 +68,8 @@ def _check_workdir_config(c, workdir):
         old_v = old
         for part in key.split("."):
             old_v = old_v.get(part) if isinstance(old_v, dict) else None
+        if key == "model" and isinstance(old_v, dict):
+            old_v, new_v = ({k: v for k, v in d.items() if k not in _FREE_MODEL_FIELDS} for d in (old_v, new_v))
         if old_v != new_v:
             diffs.append(f"{key}: checkpoint {old_v!r} vs config {new_v!r}")
     if diffs:
@@ -129,32 +134,33 @@ def build_model_and_state(c, mesh):
 
 
 def make_eval_step(graphdef):
-    """(params, batch_stats, images uint8, labels) -> confusion matrix [19, 19], on device."""
-
-    @jax.jit
-    def eval_step(params, batch_stats, images, labels):
-        model = nnx.merge(graphdef, params, batch_stats)
-        logits = model(normalize(images), train=False)
-        logits = layers.resize_bilinear(logits.astype(jnp.float32), labels.shape[1:3])
-        pred = jnp.argmax(logits, axis=-1)
-        return metrics_lib.confusion_matrix(pred, labels, num_classes=NUM_CLASSES)
-    return eval_step
+    """Jitted (params, batch_stats, images uint8, labels, *, settings) -> confusion matrix [19, 19]
+    on device: whole-image or sliding-window logits upsampled to the labels' (full) resolution
+    before the argmax (pipa_jax.inference, the same code as `python -m pipa_jax.evaluate`)."""
+    return inference.make_eval_step(graphdef)
 
 
 def evaluate(c, eval_step, mesh, params, batch_stats) -> np.ndarray:
-    sharding = NamedSharding(mesh, P("data"))
-    conf = np.zeros((NUM_CLASSES, NUM_CLASSES), np.int64)
-    for imgs, labs in pipeline.eval_batches(c):
-        imgs = jax.make_array_from_process_local_data(sharding, imgs)
-        labs = jax.make_array_from_process_local_data(sharding, labs)
-        conf += np.asarray(jax.device_get(eval_step(params, batch_stats, imgs, labs)), np.int64)
+    """Dataset-level confusion matrix int64 [19, 19] of the model on the target val split, with
+    the inference settings of `c.eval` (mode, crop_size, stride)."""
+    source = pipeline.make_source(c.data.target, "val", c)
+    conf, _ = inference.evaluate_source(
+        eval_step, params, batch_stats, source, c.data.eval_batch_size, inference.settings_from_config(c),
+        sharding=NamedSharding(mesh, P("data")), num_threads=max(1, int(c.data.prefetch)))
     return conf
 
 
-def _eval_record(conf):
+def _eval_record(conf, c=None):
+    """metrics.json entry: mIoU over 19 classes, per-class IoU, and mIoU16 / mIoU13 when the
+    config's eval.miou_subsets asks for them (SYNTHIA->Cityscapes)."""
     iou = metrics_lib.iou_from_confusion(conf)
-    return {"miou": float(metrics_lib.miou(conf)),
-            "per_class_iou": {n: (None if np.isnan(v) else float(v)) for n, v in zip(CLASS_NAMES, iou)}}
+    rec = {"miou": float(metrics_lib.miou(conf)),
+           "per_class_iou": {n: (None if np.isnan(v) else float(v)) for n, v in zip(CLASS_NAMES, iou)}}
+    subsets = c.eval.get("miou_subsets", (19,)) if c is not None and "eval" in c else (19,)
+    for n in subsets:
+        if int(n) != 19:
+            rec[f"miou{int(n)}"] = float(metrics_lib.miou(conf, metrics_lib.CLASS_SUBSETS[int(n)]))
+    return rec
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
@@ -223,11 +229,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         mngr.save(step_now, args=ocp.args.Composite(
             state=ocp.args.StandardSave(host_state), data=ocp.args.JsonSave(it.get_state())), force=True)
 
+    last_confusions = {}
+
     def run_eval(step_now):
-        rec = {"student": _eval_record(evaluate(c, eval_step, mesh, state.params, state.batch_stats))}
+        last_confusions["student"] = evaluate(c, eval_step, mesh, state.params, state.batch_stats)
         if c.uda.self_training:
             # The teacher is evaluated with the student's running statistics (it keeps none).
-            rec["teacher"] = _eval_record(evaluate(c, eval_step, mesh, state.teacher_params, state.batch_stats))
+            last_confusions["teacher"] = evaluate(c, eval_step, mesh, state.teacher_params, state.batch_stats)
+        rec = {k: _eval_record(v, c) for k, v in last_confusions.items()}
         history[str(step_now)] = rec
         if jax.process_index() == 0:
             _write_json_atomic(metrics_path, history)
@@ -267,6 +276,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
                 save(step)
             if preempt.requested:
                 break
+    if step == c.total_steps and last_confusions and jax.process_index() == 0:
+        written = report.write_run_report(workdir, c, graphdef, state.params, state.batch_stats,
+                                          last_confusions, pipeline.make_source(c.data.target, "val", c))
+        logging.info("wrote %s", ", ".join(written.values()))
     mngr.wait_until_finished()
     mngr.close()
     writer.flush()
