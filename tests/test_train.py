@@ -7,6 +7,7 @@ compilation cache, so the expensive train step compiles once per device layout.
 import importlib.util
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -88,6 +89,20 @@ def test_cli_trains_evaluates_and_checkpoints(reference_run):
         assert set(final[who]["per_class_iou"]) == set(pipeline.L.CLASS_NAMES)
     assert sorted(os.listdir(os.path.join(workdir, "checkpoints")), key=int)[-1] == "8"
     assert any(f.startswith("events.out.tfevents") for f in os.listdir(workdir))
+    # The report for a person: the per-class table agrees with metrics.json, and the picture has
+    # a header row and one row per grid image with 3 columns (no baseline given).
+    with open(os.path.join(workdir, "iou_table.md")) as f:
+        table = f.read()
+    assert "## student" in table and "## teacher" in table
+    student_rows = table.split("## teacher")[0]
+    assert re.search(rf"\| mIoU +\| +{100 * final['student']['miou']:.2f} \|", student_rows), student_rows
+    from PIL import Image
+    grid = Image.open(os.path.join(workdir, "predictions.png"))
+    c = load_config()
+    tile = c.report.tile_width
+    assert grid.size[0] == 3 * tile + 2 * 4
+    rows = min(c.report.grid_images, c.data.num_val)
+    assert grid.size[1] == 14 + rows * (tile + 4)   # header + rows of square tiles
     state = final_state(workdir)
     assert int(state["step"]) == 8
     # The teacher moved away from the student (EMA), and the patch bank was filled.

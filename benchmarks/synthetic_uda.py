@@ -1,0 +1,134 @@
+"""Every method on the synthetic domain pair, several seeds: the embedded default's accuracy table.
+
+  python benchmarks/synthetic_uda.py --seeds 0,1,2 --out benchmarks/results/synthetic_uda
+
+Each run is the README's main command (`python -m pipa_jax.main --config configs/synthetic.py:method=M
+--config.seed=S`) in its own process and workdir, so the table measures exactly what users run.
+Source-only runs go first; the other methods of the same seed show the source-only prediction as
+the baseline column of their predictions.png. A run whose workdir already holds a finished result
+is not repeated (delete the workdir to redo it), so an interrupted benchmark resumes.
+Reported: the final student's target-val mIoU (mean and sample std over seeds), per-class IoU
+means, and wall time per run (which includes compilation).
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+METHODS = ("source_only", "oracle", "dacs", "daformer", "pixel_only", "patch_only", "pipa")
+
+
+def run_one(method: str, seed: int, workdir: str, extra: list[str], baseline: str | None,
+            config_args: str = "") -> dict:
+    result_file = os.path.join(workdir, "benchmark_run.json")
+    if os.path.exists(result_file):
+        with open(result_file) as f:
+            return json.load(f)
+    cmd = [sys.executable, "-m", "pipa_jax.main", "--config", f"configs/synthetic.py:method={method}{config_args}",
+           "--workdir", workdir, f"--config.seed={seed}", *extra]
+    if baseline:
+        cmd.append(f"--config.report.baseline_workdir={baseline}")
+    t0 = time.perf_counter()
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+    wall = time.perf_counter() - t0
+    if proc.returncode:
+        sys.stderr.write(proc.stderr[-4000:])
+        raise SystemExit(f"{method} seed {seed} failed (exit {proc.returncode}): {' '.join(cmd)}")
+    with open(os.path.join(workdir, "metrics.json")) as f:
+        history = json.load(f)
+    last = history[max(history, key=int)]
+    rec = {"method": method, "seed": seed, "wall_s": wall, "command": " ".join(cmd[1:]),
+           "miou": last["student"]["miou"], "per_class_iou": last["student"]["per_class_iou"],
+           "teacher_miou": last.get("teacher", {}).get("miou")}
+    with open(result_file + ".tmp", "w") as f:
+        json.dump(rec, f, indent=1)
+    os.replace(result_file + ".tmp", result_file)
+    return rec
+
+
+def summarize(runs: list[dict]) -> dict:
+    out = {}
+    for m in METHODS:
+        rs = [r for r in runs if r["method"] == m]
+        if not rs:
+            continue
+        mi = [100 * r["miou"] for r in rs]
+        names = list(rs[0]["per_class_iou"])
+        per_class = {}
+        for n in names:
+            vals = [r["per_class_iou"][n] for r in rs if r["per_class_iou"][n] is not None]
+            per_class[n] = 100 * statistics.mean(vals) if vals else None
+        out[m] = {"miou_mean": statistics.mean(mi), "miou_std": statistics.stdev(mi) if len(mi) > 1 else 0.0,
+                  "mious": mi, "wall_s_median": statistics.median(r["wall_s"] for r in rs),
+                  "per_class_iou_mean": per_class, "seeds": [r["seed"] for r in rs]}
+    return out
+
+
+def markdown(summary: dict, meta: dict) -> str:
+    lines = [f"# Synthetic domain pair: target-val mIoU (%) of the final student, {meta['date']}", "",
+             f"Command: `{meta['command']}`", f"Machine: {meta['machine']}", "",
+             "| method | mIoU mean | std | runs | per seed | median wall time (s) |",
+             "|---|---:|---:|---:|---|---:|"]
+    for m, s in summary.items():
+        lines.append(f"| {m} | {s['miou_mean']:.1f} | {s['miou_std']:.1f} | {len(s['mious'])} | "
+                     f"{', '.join(f'{v:.1f}' for v in s['mious'])} | {s['wall_s_median']:.0f} |")
+    if "source_only" in summary:
+        base = summary["source_only"]["miou_mean"]
+        lines += ["", "Differences to source-only (mIoU points): " + ", ".join(
+            f"{m} {s['miou_mean'] - base:+.1f}" for m, s in summary.items() if m != "source_only")]
+    names = list(next(iter(summary.values()))["per_class_iou_mean"])
+    lines += ["", "Per-class IoU (%), mean over seeds ('-': class absent from the target val split)", "",
+              "| class | " + " | ".join(summary) + " |", "|---|" + "---:|" * len(summary)]
+    for n in names:
+        cells = [summary[m]["per_class_iou_mean"][n] for m in summary]
+        lines.append(f"| {n} | " + " | ".join("-" if v is None else f"{v:.1f}" for v in cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--methods", default=",".join(METHODS))
+    ap.add_argument("--seeds", default="0,1,2")
+    ap.add_argument("--runs_dir", default=os.path.join(ROOT, "runs", "synthetic_uda"))
+    ap.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "results", "synthetic_uda"))
+    ap.add_argument("--extra", default="", help="extra --config.x=y overrides, space separated")
+    ap.add_argument("--config_args", default="", help="appended to the config argument, e.g. ',tiny'")
+    args = ap.parse_args()
+    methods = [m for m in args.methods.split(",") if m]
+    unknown = set(methods) - set(METHODS)
+    if unknown:
+        raise SystemExit(f"unknown methods {sorted(unknown)}; expected some of {', '.join(METHODS)}")
+    seeds = [int(s) for s in args.seeds.split(",")]
+    extra = args.extra.split()
+    runs = []
+    for seed in seeds:
+        base = os.path.join(args.runs_dir, f"source_only_seed{seed}")
+        for m in sorted(methods, key=lambda m: m != "source_only"):
+            workdir = os.path.join(args.runs_dir, f"{m}_seed{seed}")
+            baseline = base if m != "source_only" and os.path.exists(os.path.join(base, "metrics.json")) else None
+            rec = run_one(m, seed, workdir, extra, baseline, args.config_args)
+            print(f"{m:12s} seed {seed}: mIoU {100 * rec['miou']:.1f}  ({rec['wall_s']:.0f} s)", flush=True)
+            runs.append(rec)
+    meta = {"date": datetime.date.today().isoformat(),
+            "command": "python " + " ".join(os.path.relpath(a, ROOT) if a.startswith(ROOT) else a
+                                            for a in sys.argv),
+            "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores, Python {platform.python_version()}"}
+    summary = summarize(runs)
+    os.makedirs(os.path.dirname(args.out), exist_ok=True)
+    with open(args.out + ".json", "w") as f:
+        json.dump({"meta": meta, "summary": summary, "runs": runs}, f, indent=1)
+    with open(args.out + ".md", "w") as f:
+        f.write(markdown(summary, meta))
+    print(markdown(summary, meta))
+
+
+if __name__ == "__main__":
+    main()
