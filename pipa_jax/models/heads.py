@@ -46,7 +46,7 @@ class ConvModule(nnx.Module):
     `depthwise=True` makes the conv a depthwise k x k (channels in == out)."""
 
     def __init__(self, in_ch, out_ch, kernel_size, *, dilation=1, depthwise=False, dwconv_impl="auto",
-                 dtype, param_dtype, rngs):
+                 conv_impl="auto", dtype, param_dtype, rngs):
         kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         if depthwise:
             if in_ch != out_ch:
@@ -55,7 +55,7 @@ class ConvModule(nnx.Module):
                                                use_bias=False, impl=dwconv_impl, **kw)
         else:
             self.conv = layers.conv2d(in_ch, out_ch, kernel_size, padding=dilation * (kernel_size // 2),
-                                      dilation=dilation, use_bias=False, **kw)
+                                      dilation=dilation, use_bias=False, impl=conv_impl, **kw)
         self.bn = layers.BatchNorm(out_ch, dtype=dtype, param_dtype=param_dtype)
 
     def __call__(self, x, *, use_running_average: bool):
@@ -65,11 +65,11 @@ class ConvModule(nnx.Module):
 class DepthwiseSeparableConvModule(nnx.Module):
     """Depthwise dilated 3x3 ConvModule, then pointwise 1x1 ConvModule (each BN + ReLU)."""
 
-    def __init__(self, in_ch, out_ch, dilation, *, dwconv_impl, dtype, param_dtype, rngs):
+    def __init__(self, in_ch, out_ch, dilation, *, dwconv_impl, conv_impl="auto", dtype, param_dtype, rngs):
         kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         self.depthwise_conv = ConvModule(in_ch, in_ch, 3, dilation=dilation, depthwise=True,
                                          dwconv_impl=dwconv_impl, **kw)
-        self.pointwise_conv = ConvModule(in_ch, out_ch, 1, **kw)
+        self.pointwise_conv = ConvModule(in_ch, out_ch, 1, conv_impl=conv_impl, **kw)
 
     def __call__(self, x, *, use_running_average: bool):
         x = self.depthwise_conv(x, use_running_average=use_running_average)
@@ -80,16 +80,18 @@ class ASPPFusion(nnx.Module):
     """DAFormer's context-aware fusion: ASPP without image pooling, depthwise-separable dilated
     branches (1, 6, 12, 18), concatenation, 3x3 bottleneck (official `ASPPWrapper`, sep=True)."""
 
-    def __init__(self, in_ch, channels, dilations=(1, 6, 12, 18), *, dwconv_impl, dtype, param_dtype, rngs):
+    def __init__(self, in_ch, channels, dilations=(1, 6, 12, 18), *, dwconv_impl, conv_impl="auto", dtype,
+                 param_dtype, rngs):
         kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         mods = []
         for d in dilations:
             if d == 1:
-                mods.append(ConvModule(in_ch, channels, 1, **kw))
+                mods.append(ConvModule(in_ch, channels, 1, conv_impl=conv_impl, **kw))
             else:
-                mods.append(DepthwiseSeparableConvModule(in_ch, channels, d, dwconv_impl=dwconv_impl, **kw))
+                mods.append(DepthwiseSeparableConvModule(in_ch, channels, d, dwconv_impl=dwconv_impl,
+                                                         conv_impl=conv_impl, **kw))
         self.aspp_modules = nnx.List(mods)
-        self.bottleneck = ConvModule(len(dilations) * channels, channels, 3, **kw)
+        self.bottleneck = ConvModule(len(dilations) * channels, channels, 3, conv_impl=conv_impl, **kw)
 
     def __call__(self, x, *, use_running_average: bool):
         outs = [m(x, use_running_average=use_running_average) for m in self.aspp_modules]
@@ -107,18 +109,20 @@ class DAFormerHead(nnx.Module):
     """
 
     def __init__(self, in_channels, num_classes, embed_dim=256, *, fusion="aspp", dilations=(1, 6, 12, 18),
-                 dropout=0.1, dwconv_impl="auto", dtype=jnp.float32, param_dtype=jnp.float32, rngs: nnx.Rngs):
+                 dropout=0.1, dwconv_impl="auto", conv_impl="auto", dtype=jnp.float32, param_dtype=jnp.float32,
+                 rngs: nnx.Rngs):
         kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         self.embed_layers = nnx.List([MLPEmbed(c, embed_dim, **kw) for c in in_channels])
         cat = embed_dim * len(in_channels)
         if fusion == "aspp":
-            self.fuse_layer = ASPPFusion(cat, embed_dim, dilations, dwconv_impl=dwconv_impl, **kw)
+            self.fuse_layer = ASPPFusion(cat, embed_dim, dilations, dwconv_impl=dwconv_impl, conv_impl=conv_impl,
+                                         **kw)
         elif fusion == "conv":
-            self.fuse_layer = ConvModule(cat, embed_dim, 1, **kw)
+            self.fuse_layer = ConvModule(cat, embed_dim, 1, conv_impl=conv_impl, **kw)
         else:
             raise ValueError(f"DAFormerHead fusion must be 'aspp' or 'conv', got {fusion!r}")
-        self.conv_seg = nnx.Conv(embed_dim, num_classes, (1, 1), dtype=dtype, param_dtype=param_dtype,
-                                 kernel_init=nnx.initializers.normal(0.01), rngs=rngs)
+        self.conv_seg = layers.Conv2d(embed_dim, num_classes, (1, 1), dtype=dtype, param_dtype=param_dtype,
+                                      kernel_init=nnx.initializers.normal(0.01), impl=conv_impl, rngs=rngs)
         self.dropout = dropout
         self.num_classes = num_classes
 
@@ -144,13 +148,13 @@ class SegFormerHead(nnx.Module):
     upsample to stride 4, concatenate (level order 1..4, as DAFormer's copy of it), 1x1
     ConvModule, dropout, classifier `linear_pred`. Same call signature as DAFormerHead."""
 
-    def __init__(self, in_channels, num_classes, embed_dim=256, *, dropout=0.1, dtype=jnp.float32,
-                 param_dtype=jnp.float32, rngs: nnx.Rngs, **unused):
+    def __init__(self, in_channels, num_classes, embed_dim=256, *, dropout=0.1, conv_impl="auto",
+                 dtype=jnp.float32, param_dtype=jnp.float32, rngs: nnx.Rngs, **unused):
         kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         self.linear_c = nnx.List([MLPEmbed(c, embed_dim, **kw) for c in in_channels])
-        self.linear_fuse = ConvModule(embed_dim * len(in_channels), embed_dim, 1, **kw)
-        self.linear_pred = nnx.Conv(embed_dim, num_classes, (1, 1), dtype=dtype, param_dtype=param_dtype,
-                                    kernel_init=nnx.initializers.normal(0.01), rngs=rngs)
+        self.linear_fuse = ConvModule(embed_dim * len(in_channels), embed_dim, 1, conv_impl=conv_impl, **kw)
+        self.linear_pred = layers.Conv2d(embed_dim, num_classes, (1, 1), dtype=dtype, param_dtype=param_dtype,
+                                         kernel_init=nnx.initializers.normal(0.01), impl=conv_impl, rngs=rngs)
         self.dropout = dropout
         self.num_classes = num_classes
 
@@ -173,8 +177,9 @@ class PixelProjectionHead(nnx.Module):
     Official names: proj_head.proj.0 (conv1), proj_head.proj.1.0 (bn), proj_head.proj.2 (conv2);
     pipa_jax.convert carries that rename."""
 
-    def __init__(self, in_channels, proj_dim=256, *, dtype=jnp.float32, param_dtype=jnp.float32, rngs: nnx.Rngs):
-        kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+    def __init__(self, in_channels, proj_dim=256, *, conv_impl="auto", dtype=jnp.float32, param_dtype=jnp.float32,
+                 rngs: nnx.Rngs):
+        kw = dict(impl=conv_impl, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         cat = sum(in_channels)
         self.conv1 = layers.conv2d(cat, cat, 1, **kw)
         self.bn = layers.BatchNorm(cat, dtype=dtype, param_dtype=param_dtype)
@@ -193,8 +198,9 @@ class PatchProjectionHead(nnx.Module):
 
     Official names: project.0 (conv1), project.2 (conv2), stored beside `model.` in the UDA module."""
 
-    def __init__(self, in_ch=256, proj_dim=128, *, dtype=jnp.float32, param_dtype=jnp.float32, rngs: nnx.Rngs):
-        kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+    def __init__(self, in_ch=256, proj_dim=128, *, conv_impl="auto", dtype=jnp.float32, param_dtype=jnp.float32,
+                 rngs: nnx.Rngs):
+        kw = dict(impl=conv_impl, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         self.conv1 = layers.conv2d(in_ch, in_ch, 1, **kw)
         self.conv2 = layers.conv2d(in_ch, proj_dim, 1, **kw)
 

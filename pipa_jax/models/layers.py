@@ -13,7 +13,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-DWCONV_IMPLS = ("auto", "shift", "native")
+DWCONV_IMPLS = ("auto", "shift", "shift_autodiff", "native")
+CONV_IMPLS = ("auto", "matmul", "native")
 
 
 def resolve_dwconv_impl(impl: str) -> str:
@@ -23,6 +24,10 @@ def resolve_dwconv_impl(impl: str) -> str:
     slower forward and ~6x slower forward+backward than the same filter written as k*k shifted
     multiply-adds, which XLA fuses into one elementwise kernel. GPU and TPU have fast native
     depthwise kernels, so 'auto' keeps the native convolution there.
+
+    'shift' carries a hand-written VJP (see `_shift_depthwise`); 'shift_autodiff' is the same
+    forward left to JAX's autodiff, kept only to measure and test the VJP against: its backward
+    pads one cotangent copy per tap (b5 encoder gradient 1.5x slower, 1.5x the temp memory).
     """
     if impl not in DWCONV_IMPLS:
         raise ValueError(f"dwconv_impl must be one of {DWCONV_IMPLS}, got {impl!r}")
@@ -31,29 +36,106 @@ def resolve_dwconv_impl(impl: str) -> str:
     return impl
 
 
+def resolve_conv_impl(impl: str) -> str:
+    """Picks how 1x1 convolutions and non-overlapping patch convolutions (kernel = stride, no
+    padding: the attention's spatial reduction) are computed.
+
+    On XLA:CPU a convolution's gradient is much slower than the same contraction written as a
+    matrix product (measured: 1x1 conv 1024->256 on 2x128x128, gradient 0.93 s as a conv, 0.26 s
+    as a dot; the sr=8 reduction's filter gradient runs as a 16x16-window dilated convolution),
+    so 'auto' takes 'matmul' there and keeps the native convolution on GPU/TPU.
+    """
+    if impl not in CONV_IMPLS:
+        raise ValueError(f"conv_impl must be one of {CONV_IMPLS}, got {impl!r}")
+    if impl == "auto":
+        return "matmul" if jax.default_backend() == "cpu" else "native"
+    return impl
+
+
+def _shift_sum(x, taps, pads: tuple[int, int], dilation: int, out_hw: tuple[int, int]):
+    """sum_ij pad(x)[:, i*d : i*d + oh, j*d : j*d + ow, :] * taps[i, j]: a depthwise correlation
+    of x [B, H, W, C] with taps [kh, kw, C], zero padding `pads` on both sides, output `out_hw`."""
+    kh, kw = taps.shape[:2]
+    (ph, pw), (oh, ow), d = pads, out_hw, dilation
+    xp = jnp.pad(x, ((0, 0), (ph, ph), (pw, pw), (0, 0)))
+    out = None
+    for i in range(kh):
+        for j in range(kw):
+            term = xp[:, i * d: i * d + oh, j * d: j * d + ow, :] * taps[i, j]
+            out = term if out is None else out + term
+    return out
+
+
+def _same_pads(taps, dilation):
+    return dilation * (taps.shape[0] // 2), dilation * (taps.shape[1] // 2)
+
+
+def _out_hw(x, taps, dilation):
+    (ph, pw), (kh, kw) = _same_pads(taps, dilation), taps.shape[:2]
+    return x.shape[1] + 2 * ph - (kh - 1) * dilation, x.shape[2] + 2 * pw - (kw - 1) * dilation
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def _shift_depthwise(x, taps, dilation: int):
+    """Depthwise conv (padding dilation * (k // 2)) of x [B, H, W, C] with taps [kh, kw, C] as
+    shifted multiply-adds, with a hand-written VJP.
+
+    JAX's autodiff of the shifted slices pads a full-size cotangent copy per tap and sums them;
+    the VJP below instead reuses the forward's single fused loop: the input gradient is the same
+    shift sum of the cotangent with the spatially flipped taps, and the tap gradient is one
+    reduction per tap of (shifted input * cotangent) over batch and space.
+    """
+    return _shift_sum(x, taps, _same_pads(taps, dilation), dilation, _out_hw(x, taps, dilation))
+
+
+def _shift_depthwise_fwd(x, taps, dilation):
+    return _shift_depthwise(x, taps, dilation), (x, taps)
+
+
+def _shift_depthwise_bwd(dilation, res, g):
+    x, taps = res
+    kh, kw = taps.shape[:2]
+    ph, pw = _same_pads(taps, dilation)
+    oh, ow = g.shape[1], g.shape[2]
+    # y[h] = sum_i x[h + i*d - ph] t[i]  =>  dx[h'] = sum_i g[h' - i*d + ph] t[i]
+    #       = sum_i' pad(g, lo)[h' + i'*d] t[kh-1-i'] with lo = (kh-1)*d - ph (= ph for odd kh).
+    lo = ((kh - 1) * dilation - ph, (kw - 1) * dilation - pw)
+    dx = _shift_sum(g, taps[::-1, ::-1], lo, dilation, (x.shape[1], x.shape[2]))
+    xp = jnp.pad(x, ((0, 0), (ph, ph), (pw, pw), (0, 0)))
+    gf = g.astype(jnp.float32)
+    rows = []
+    for i in range(kh):
+        row = []
+        for j in range(kw):
+            tap = xp[:, i * dilation: i * dilation + oh, j * dilation: j * dilation + ow, :]
+            row.append(jnp.sum(tap.astype(jnp.float32) * gf, axis=(0, 1, 2)))
+        rows.append(jnp.stack(row))
+    dtaps = jnp.stack(rows).astype(taps.dtype)
+    return dx.astype(x.dtype), dtaps
+
+
+_shift_depthwise.defvjp(_shift_depthwise_fwd, _shift_depthwise_bwd)
+
+
 def depthwise_conv2d(x, kernel, *, dilation: int = 1, impl: str = "auto"):
     """3x3-style depthwise convolution with 'same' zero padding (padding = dilation * (k // 2)).
 
-    x: [B, H, W, C]; kernel: [kh, kw, 1, C]. Both implementations compute the same sum; the
-    'shift' form is a sum of kh*kw shifted, per-channel scaled copies of the padded input.
+    x: [B, H, W, C]; kernel: [kh, kw, 1, C]. Every implementation computes the same sum; the
+    'shift' forms are sums of kh*kw shifted, per-channel scaled copies of the padded input.
     """
     kh, kw = kernel.shape[:2]
     ph, pw = dilation * (kh // 2), dilation * (kw // 2)
-    if resolve_dwconv_impl(impl) == "native":
+    impl = resolve_dwconv_impl(impl)
+    if impl == "native":
         return jax.lax.conv_general_dilated(
             x, kernel, window_strides=(1, 1), padding=((ph, ph), (pw, pw)),
             rhs_dilation=(dilation, dilation), dimension_numbers=("NHWC", "HWIO", "NHWC"),
             feature_group_count=x.shape[-1],
         )
-    h, w = x.shape[1], x.shape[2]
-    xp = jnp.pad(x, ((0, 0), (ph, ph), (pw, pw), (0, 0)))
-    out = None
-    for i in range(kh):
-        for j in range(kw):
-            tap = xp[:, i * dilation: i * dilation + h, j * dilation: j * dilation + w, :]
-            term = tap * kernel[i, j, 0]
-            out = term if out is None else out + term
-    return out
+    taps = kernel[:, :, 0, :]
+    if impl == "shift":
+        return _shift_depthwise(x, taps, dilation)
+    return _shift_sum(x, taps, (ph, pw), dilation, _out_hw(x, taps, dilation))
 
 
 @functools.lru_cache(maxsize=256)
@@ -148,15 +230,72 @@ class DepthwiseConv2d(nnx.Module):
         return y
 
 
+def _pairs(v, n=2):
+    return (v,) * n if isinstance(v, int) else tuple(v)
+
+
+class Conv2d(nnx.Conv):
+    """nnx.Conv (same parameters, names, layouts and init) that computes 1x1 and
+    non-overlapping patch convolutions (kernel = stride, no padding, no groups) as one matrix
+    product when `impl` resolves to 'matmul' (see resolve_conv_impl); every other convolution,
+    and every convolution with impl 'native', runs as the lax convolution.
+
+    Patch form: like PyTorch's unpadded strided conv, trailing rows/columns that do not fill a
+    whole patch are dropped (output floor(H / stride)).
+    """
+
+    def __init__(self, *args, impl: str = "auto", **kwargs):
+        super().__init__(*args, **kwargs)
+        resolve_conv_impl(impl)  # validate early
+        self.impl = impl
+
+    def matmul_form(self) -> str | None:
+        """'pointwise' (1x1, stride 1), 'patch' (kernel = stride) or None (needs a real conv)."""
+        k = tuple(self.kernel_size)
+        if (len(k) != 2 or self.feature_group_count != 1 or self.mask is not None
+                or _pairs(self.input_dilation or 1) != (1, 1)):
+            return None
+        if _pairs(self.strides or 1) != k:
+            return None
+        pad = self.padding
+        if isinstance(pad, str):
+            zero_pad = pad.upper() == "VALID" or (pad.upper() == "SAME" and k == (1, 1))
+        else:
+            zero_pad = all(tuple(_pairs(q)) == (0, 0) for q in pad)
+        if not zero_pad or (k != (1, 1) and _pairs(self.kernel_dilation or 1) != (1, 1)):
+            return None
+        return "pointwise" if k == (1, 1) else "patch"
+
+    def __call__(self, inputs, out_sharding=None):
+        form = self.matmul_form() if resolve_conv_impl(self.impl) == "matmul" else None
+        if form is None or out_sharding is not None or inputs.ndim != 4:
+            return super().__call__(inputs, out_sharding=out_sharding)
+        kernel = self.kernel[...]
+        bias = self.bias[...] if self.bias is not None else None
+        x, kernel, bias = self.promote_dtype((inputs, kernel, bias), dtype=self.dtype)
+        kw = dict(precision=self.precision, preferred_element_type=self.preferred_element_type)
+        if form == "pointwise":
+            y = jnp.einsum("bhwc,co->bhwo", x, kernel[0, 0], **kw)
+        else:
+            (rh, rw), (b, h, w, c) = self.kernel_size, x.shape
+            oh, ow = h // rh, w // rw
+            patches = x[:, :oh * rh, :ow * rw].reshape(b, oh, rh, ow, rw, c)
+            y = jnp.einsum("bhiwjc,ijco->bhwo", patches, kernel, **kw)
+        if bias is not None:
+            y = y + bias
+        return y
+
+
 def conv2d(in_ch: int, out_ch: int, kernel_size: int, *, stride: int = 1, padding: int = 0,
-           dilation: int = 1, use_bias: bool = True, dtype=jnp.float32, param_dtype=jnp.float32,
-           rngs: nnx.Rngs) -> nnx.Conv:
-    """A Conv2d with PyTorch's explicit symmetric padding (so odd sizes give PyTorch's shapes)."""
-    return nnx.Conv(
+           dilation: int = 1, use_bias: bool = True, impl: str = "auto", dtype=jnp.float32,
+           param_dtype=jnp.float32, rngs: nnx.Rngs) -> Conv2d:
+    """A Conv2d with PyTorch's explicit symmetric padding (so odd sizes give PyTorch's shapes).
+    `impl`: see resolve_conv_impl (only 1x1 and kernel = stride convolutions have a matmul form)."""
+    return Conv2d(
         in_ch, out_ch, (kernel_size, kernel_size), strides=(stride, stride),
         padding=((padding, padding), (padding, padding)), kernel_dilation=(dilation, dilation),
         use_bias=use_bias, dtype=dtype, param_dtype=param_dtype, kernel_init=_normal_fan_out,
-        precision=None, rngs=rngs,
+        precision=None, impl=impl, rngs=rngs,
     )
 
 

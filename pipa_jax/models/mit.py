@@ -54,9 +54,9 @@ SCAN_MIN_DEPTH = 4
 class OverlapPatchEmbed(nnx.Module):
     """Strided conv (k7 s4 p3 in stage 1, k3 s2 p1 after) + LayerNorm (eps 1e-5)."""
 
-    def __init__(self, in_ch, dim, kernel_size, stride, *, dtype, param_dtype, rngs):
+    def __init__(self, in_ch, dim, kernel_size, stride, *, conv_impl="auto", dtype, param_dtype, rngs):
         self.proj = layers.conv2d(in_ch, dim, kernel_size, stride=stride, padding=kernel_size // 2,
-                                  dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+                                  impl=conv_impl, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         self.norm = layers.layer_norm(dim, 1e-5, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
 
     def __call__(self, x):
@@ -64,9 +64,11 @@ class OverlapPatchEmbed(nnx.Module):
 
 
 class Attention(nnx.Module):
-    """Efficient self-attention: keys/values from a spatially reduced map when sr_ratio > 1."""
+    """Efficient self-attention: keys/values from a spatially reduced map when sr_ratio > 1
+    (`sr`: conv with kernel = stride = sr_ratio, no padding, a patch matmul on CPU, see
+    layers.Conv2d)."""
 
-    def __init__(self, dim, num_heads, sr_ratio, *, dtype, param_dtype, rngs):
+    def __init__(self, dim, num_heads, sr_ratio, *, conv_impl="auto", dtype, param_dtype, rngs):
         kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         self.num_heads = num_heads
         self.sr_ratio = sr_ratio
@@ -74,7 +76,7 @@ class Attention(nnx.Module):
         self.kv = layers.linear(dim, 2 * dim, **kw)  # output channels [k | v]
         self.proj = layers.linear(dim, dim, **kw)
         if sr_ratio > 1:
-            self.sr = layers.conv2d(dim, dim, sr_ratio, stride=sr_ratio, **kw)
+            self.sr = layers.conv2d(dim, dim, sr_ratio, stride=sr_ratio, impl=conv_impl, **kw)
             self.norm = layers.layer_norm(dim, 1e-5, **kw)
         self.dtype = dtype
 
@@ -118,10 +120,11 @@ class Block(nnx.Module):
     """Pre-norm transformer block. The drop-path rate is a call argument (not an attribute) so
     all blocks of a stage share one graph definition and can be scanned."""
 
-    def __init__(self, dim, num_heads, mlp_ratio, sr_ratio, *, impl, dtype, param_dtype, rngs):
+    def __init__(self, dim, num_heads, mlp_ratio, sr_ratio, *, impl, conv_impl="auto", dtype, param_dtype,
+                 rngs):
         kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         self.norm1 = layers.layer_norm(dim, 1e-6, **kw)
-        self.attn = Attention(dim, num_heads, sr_ratio, **kw)
+        self.attn = Attention(dim, num_heads, sr_ratio, conv_impl=conv_impl, **kw)
         self.norm2 = layers.layer_norm(dim, 1e-6, **kw)
         self.mlp = MixFFN(dim, dim * mlp_ratio, impl=impl, **kw)
 
@@ -140,29 +143,37 @@ class MixVisionTransformer(nnx.Module):
       variant: 'b0'..'b5' (or 'mit_b5').
       drop_path_rate: stochastic depth, linearly spaced over all blocks (0.1 in all recipes);
         active only with train=True, which then needs `rng`.
-      dwconv_impl: 'auto' | 'shift' | 'native' (see layers.resolve_dwconv_impl).
+      dwconv_impl: 'auto' | 'shift' | 'shift_autodiff' | 'native' (see layers.resolve_dwconv_impl).
+      conv_impl: 'auto' | 'matmul' | 'native': the attention's spatial-reduction conv as a patch
+        matmul or a lax conv (see layers.resolve_conv_impl).
       scan_blocks: run the blocks of each stage with >= SCAN_MIN_DEPTH blocks as one lax.scan over
         stacked parameters. The result is identical; compile time stops growing with depth
         (MiT-b5 has 40 blocks in stage 3).
+      remat: recompute each block's activations in the backward pass (jax.checkpoint; only the
+        block inputs are kept). Same result, less memory, about one more forward of compute.
       dtype / param_dtype: compute and parameter dtypes.
     """
 
     def __init__(self, variant: str = "b5", *, drop_path_rate: float = 0.1, dwconv_impl: str = "auto",
-                 scan_blocks: bool = True, dtype=jnp.float32, param_dtype=jnp.float32, rngs: nnx.Rngs):
+                 conv_impl: str = "auto", scan_blocks: bool = True, remat: bool = False,
+                 dtype=jnp.float32, param_dtype=jnp.float32, rngs: nnx.Rngs):
         v = get_variant(variant)
         self.variant = variant
         self.embed_dims = v.embed_dims
         self.depths = v.depths
         self.scan_blocks = scan_blocks
+        self.remat = remat
         kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         rates = np.linspace(0.0, drop_path_rate, sum(v.depths)).tolist()
         self.drop_path_rates = tuple(tuple(rates[sum(v.depths[:s]):sum(v.depths[:s + 1])]) for s in range(4))
         in_ch = 3
         for s in range(4):
             k, stride = (7, 4) if s == 0 else (3, 2)
-            setattr(self, f"patch_embed{s + 1}", OverlapPatchEmbed(in_ch, v.embed_dims[s], k, stride, **kw))
+            setattr(self, f"patch_embed{s + 1}", OverlapPatchEmbed(in_ch, v.embed_dims[s], k, stride,
+                                                                   conv_impl=conv_impl, **kw))
             setattr(self, f"block{s + 1}", nnx.List([
-                Block(v.embed_dims[s], v.num_heads[s], v.mlp_ratio, v.sr_ratios[s], impl=dwconv_impl, **kw)
+                Block(v.embed_dims[s], v.num_heads[s], v.mlp_ratio, v.sr_ratios[s], impl=dwconv_impl,
+                      conv_impl=conv_impl, **kw)
                 for _ in range(v.depths[s])
             ]))
             setattr(self, f"norm{s + 1}", layers.layer_norm(v.embed_dims[s], 1e-6, **kw))
@@ -176,7 +187,14 @@ class MixVisionTransformer(nnx.Module):
         # Scanning a short stage compiles slower than unrolling it (measured: b0 step 41 s vs 26 s).
         if not self.scan_blocks or len(blocks) < SCAN_MIN_DEPTH:
             for blk, rate, key in zip(blocks, rates, keys):
-                x = blk(x, rate, key, train=train)
+                if self.remat:
+                    # Functional form so jax.checkpoint sees the parameters as inputs; the rate
+                    # stays a Python float (rate 0 skips drop path statically, as unrematted).
+                    gd, st = nnx.split(blk)
+                    fn = jax.checkpoint(lambda st, h, k, gd=gd, rate=rate: nnx.merge(gd, st)(h, rate, k, train=train))
+                    x = fn(st, x, key)
+                else:
+                    x = blk(x, rate, key, train=train)
             return x
         graphdef, first = nnx.split(blocks[0])
         stacked = jax.tree.map(lambda *xs: jnp.stack(xs), first, *[nnx.state(b) for b in blocks[1:]])
@@ -185,6 +203,9 @@ class MixVisionTransformer(nnx.Module):
         def body(h, inp):
             state, rate, key = inp
             return nnx.merge(graphdef, state)(h, rate, key, train=train), None
+
+        if self.remat:
+            body = jax.checkpoint(body)
 
         x, _ = jax.lax.scan(body, x, (stacked, rates_arr, keys if rng is not None else None))
         return x

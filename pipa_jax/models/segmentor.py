@@ -21,8 +21,14 @@ def default_model_config() -> ml_collections.ConfigDict:
     c.embed_dim = 256              # decoder channels
     c.drop_path_rate = 0.1         # stochastic depth over all encoder blocks
     c.dropout = 0.1                # classifier Dropout2d
-    c.dwconv_impl = "auto"         # depthwise conv form: 'auto' (shift on CPU, native elsewhere), 'shift', 'native'
+    # Depthwise conv form: 'auto' (shift on CPU, native elsewhere), 'shift' (multiply-adds with a
+    # hand-written VJP), 'native'; 'shift_autodiff' exists only to benchmark the VJP against.
+    c.dwconv_impl = "auto"
+    # 1x1 and kernel=stride (attention spatial reduction) convs: 'auto' (matmul on CPU, native
+    # elsewhere), 'matmul', 'native'. Same parameters and results either way (layers.Conv2d).
+    c.conv_impl = "auto"
     c.scan_blocks = True           # lax.scan over the blocks of each encoder stage (compile time)
+    c.remat = False                # recompute encoder block activations in the backward pass (memory)
     c.pixel_head = True            # PiPa pixel projection head (training only)
     c.pixel_proj_dim = 256
     c.patch_head = True            # PiPa patch projection head (training only)
@@ -55,18 +61,21 @@ class Segmentor(nnx.Module):
             raise ValueError(f"model.backbone must be one of mit_b0..mit_b5, got {backbone!r}")
         self.backbone = mit.MixVisionTransformer(
             backbone, drop_path_rate=config.drop_path_rate, dwconv_impl=config.dwconv_impl,
-            scan_blocks=config.scan_blocks, **kw)
+            conv_impl=config.conv_impl, scan_blocks=config.scan_blocks, remat=config.remat, **kw)
         dims = self.backbone.embed_dims
         if config.decode_head == "daformer":
             self.decode_head = heads.DAFormerHead(dims, config.num_classes, config.embed_dim,
-                                                  dropout=config.dropout, dwconv_impl=config.dwconv_impl, **kw)
+                                                  dropout=config.dropout, dwconv_impl=config.dwconv_impl,
+                                                  conv_impl=config.conv_impl, **kw)
         elif config.decode_head == "segformer":
             self.decode_head = heads.SegFormerHead(dims, config.num_classes, config.embed_dim,
-                                                   dropout=config.dropout, **kw)
+                                                   dropout=config.dropout, conv_impl=config.conv_impl, **kw)
         else:
             raise ValueError(f"model.decode_head must be one of {DECODE_HEADS}, got {config.decode_head!r}")
-        self.pixel_head = heads.PixelProjectionHead(dims, config.pixel_proj_dim, **kw) if config.pixel_head else None
-        self.patch_head = (heads.PatchProjectionHead(config.embed_dim, config.patch_proj_dim, **kw)
+        self.pixel_head = (heads.PixelProjectionHead(dims, config.pixel_proj_dim, conv_impl=config.conv_impl, **kw)
+                           if config.pixel_head else None)
+        self.patch_head = (heads.PatchProjectionHead(config.embed_dim, config.patch_proj_dim,
+                                                     conv_impl=config.conv_impl, **kw)
                            if config.patch_head else None)
         self.num_classes = config.num_classes
 
