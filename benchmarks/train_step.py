@@ -43,10 +43,11 @@ STAGE_NAMES = {
 }
 
 
-def bench_config(variant: str, method: str, size: int, batch: int):
+def bench_config(variant: str, method: str, size: int, batch: int, remat: bool = False):
     c = config_lib.base_config()
     config_lib.apply_method(c, method)
     c.model.backbone = f"mit_{variant}"
+    c.model.remat = remat
     c.batch_size = batch
     c.data.crop_size = (size, size)
     c.data.image_size = (size, size)
@@ -57,8 +58,8 @@ def bench_config(variant: str, method: str, size: int, batch: int):
     return c
 
 
-def time_method(variant, method, size, batch, repeats):
-    c = bench_config(variant, method, size, batch)
+def time_method(variant, method, size, batch, repeats, remat=False):
+    c = bench_config(variant, method, size, batch, remat)
     mesh = train.make_mesh(c)
     repl, data = NamedSharding(mesh, P()), NamedSharding(mesh, P("data"))
     graphdef, tx, state, imnet = train.build_model_and_state(c, mesh)
@@ -117,6 +118,13 @@ def contrastive_memory(dim=128):
     return rows
 
 
+def _write(path, obj):
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    with open(path + ".tmp", "w") as f:
+        json.dump(obj, f, indent=2)
+    os.replace(path + ".tmp", path)
+
+
 def machine():
     cpu = "unknown"
     try:
@@ -134,20 +142,25 @@ def main():
     ap.add_argument("--size", type=int, default=512)
     ap.add_argument("--batch", type=int, default=2)
     ap.add_argument("--ladder_variants", default="b0", help="variants timed for the stage split")
+    ap.add_argument("--remat_variants", default="b5",
+                    help="variants run with model.remat=True (encoder activations recomputed: memory)")
     ap.add_argument("--out", default="benchmarks/results/train_step")
     args = ap.parse_args()
     result = {"command": " ".join([os.path.basename(sys.executable)] + sys.argv),
               "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-              "machine": machine(), "size": args.size, "batch_per_domain": args.batch, "variants": {}}
+              "machine": machine(), "load_average_start": os.getloadavg(), "size": args.size, "batch_per_domain": args.batch, "variants": {}}
     for v in args.variants.split(","):
         methods = LADDER if v in args.ladder_variants.split(",") else ("pipa",)
         rows = []
         for method in methods:
-            r = time_method(v, method, args.size, args.batch, args.repeats)
+            r = time_method(v, method, args.size, args.batch, args.repeats, v in args.remat_variants.split(","))
+            r["remat"] = v in args.remat_variants.split(",")
             print(f"mit_{v} {method}: compile {r['compile_s']:.1f} s, step {r['step_s_median']:.2f} s "
                   f"{r.get('not_run', '')}", flush=True)
             rows.append(r)
-        result["variants"][v] = rows
+            result["variants"][v] = rows
+            _write(args.out + ".partial.json", result)   # an interrupted run keeps what it measured
+    result["load_average_end"] = os.getloadavg()
     result["peak_rss_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     result["contrastive_memory"] = contrastive_memory()
     os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
@@ -164,9 +177,12 @@ def render(r) -> str:
              f"Command: `{r['command']}`  ", f"Machine: {m['cpu']}, {m['nproc']} cores, {m['devices']}, "
              f"jax {m['jax']}, Python {m['python']}  ",
              f"Step: DAFormer + PiPa, batch {r['batch_per_domain']} + {r['batch_per_domain']}, "
-             f"{r['size']}x{r['size']} crops, float32. Medians of the repeats in one process.", ""]
+             f"{r['size']}x{r['size']} crops, float32. Medians of the repeats in one process.  ",
+             f"Load average (1, 5, 15 min) at start {tuple(round(x, 2) for x in r['load_average_start'])}, "
+             f"at end {tuple(round(x, 2) for x in r['load_average_end'])}: nothing else ran.", ""]
     for v, rows in r["variants"].items():
-        lines += [f"## MiT-{v}", "", "| method (adds) | compile s | step s (median) | delta s | XLA temp MiB |",
+        remat = " (model.remat=True)" if rows and rows[0].get("remat") else ""
+        lines += [f"## MiT-{v}{remat}", "", "| method (adds) | compile s | step s (median) | delta s | XLA temp MiB |",
                   "|---|---|---|---|---|"]
         prev = None
         for row in rows:

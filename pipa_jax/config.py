@@ -121,6 +121,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.pipa.patch.bank_cells = 1600       # cells pushed per crop per step
     c.pipa.patch.flip = True             # independent flips of the two crops
     c.pipa.patch.chunk_size = 256
+    # 'auto' | 'cond' | 'mask': how the term starts at start_step (pipa_jax.step.resolve_patch_gate);
+    # 'auto' = mask on CPU, where XLA runs a conditional's branch far slower, cond elsewhere.
+    c.pipa.patch.gate = "auto"
 
     # What a finished run leaves for a person: iou_table.md and predictions.png (pipa_jax.report).
     c.report = ml_collections.ConfigDict()
@@ -173,6 +176,8 @@ def validate(c: ml_collections.ConfigDict, num_devices: int) -> None:
         if not c.uda.self_training:
             # The patch term contrasts crops of the mixed image, which only self-training makes.
             err("pipa.patch.enabled", True, "False when uda.self_training is False (it needs the mixed image)")
+    if c.pipa.patch.gate not in ("auto", "cond", "mask"):
+        err("pipa.patch.gate", c.pipa.patch.gate, "'auto', 'cond' or 'mask'")
     if c.pipa.pixel.enabled and not c.model.pixel_head:
         err("model.pixel_head", False, "True when pipa.pixel.enabled")
     if c.model.require_pretrained and not c.model.pretrained:
