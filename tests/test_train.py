@@ -274,4 +274,5 @@ def test_bad_config_values_are_clear_errors():
     with pytest.raises(ValueError, match="unknown method 'fancy'"):
         load_config("method=fancy")
     for method in config_lib.METHODS:
-        config_lib.validate(load_config(f"method={method}"), 8)
+        config_lib.validate(load_config(f"method={method},tiny"), 8)
+        config_lib.validate(load_config(f"method={method}"), 1)   # the README's default, one CPU device
