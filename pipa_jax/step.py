@@ -139,16 +139,15 @@ def make_train_step(config: ml_collections.ConfigDict, graphdef, tx: optax.Gradi
             new_bs = nnx.state(model, nnx.BatchStat)
             if patch_on:
                 active = state.step >= c.pipa.patch.start_step
-                zero_push = jax.tree.map(
-                    jnp.zeros_like,
-                    jax.eval_shape(lambda: patch_term(params, state.batch_stats, k_patch, xm, ym, state.bank)[2]))
 
                 def on(_):
                     return patch_term(params, state.batch_stats, k_patch, xm, ym, state.bank)
 
-                def off(_):
-                    return jnp.zeros((), jnp.float32), jnp.zeros((), jnp.int32), zero_push
                 if patch_gate == "cond":
+                    zero_push = jax.tree.map(jnp.zeros_like, jax.eval_shape(on, None)[2])
+
+                    def off(_):
+                        return jnp.zeros((), jnp.float32), jnp.zeros((), jnp.int32), zero_push
                     loss_p, counted, push = jax.lax.cond(active, on, off, None)
                 else:
                     # Computed every step and masked before start_step; the bank update below

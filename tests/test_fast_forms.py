@@ -9,8 +9,9 @@ import pytest
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from pipa_jax.models import build_segmentor, default_model_config, layers
+from pipa_jax.models import build_segmentor, layers
 from pipa_jax.models.mit import MiTVariant, MixVisionTransformer
+from test_convert import small_config  # the same small b0 Segmentor config
 
 F32 = dict(rtol=1e-5, atol=1e-5)
 
@@ -165,16 +166,6 @@ def test_encoder_scan_remat_fast_forms_match_native():
 
 
 # ---- the whole Segmentor ---------------------------------------------------------------------
-
-def small_config(**kw):
-    c = default_model_config()
-    c.backbone = "mit_b0"
-    c.embed_dim = 32
-    c.pixel_proj_dim = 16
-    c.patch_proj_dim = 8
-    c.update(kw)
-    return c
-
 
 def test_segmentor_fast_forms_match_native():
     """Logits, PiPa head outputs, BatchNorm statistics and all parameter gradients of a train
