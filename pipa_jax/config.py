@@ -48,7 +48,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.data.workers = 0                   # grain worker processes (mp_prefetch); 0 = threads in this process.
                                          # GTA-size decoding needs ~4-8 on a GPU/TPU host
     c.data.rcs = ml_collections.ConfigDict()   # Rare Class Sampling on the source (needs prepared statistics)
-    c.data.rcs.enabled = False           # True in the GTA5 / SYNTHIA recipes (synthetic sources have no statistics)
+    c.data.rcs.enabled = False           # True in the GTA5 / SYNTHIA / synthetic self-training recipes
     c.data.rcs.temperature = 0.1         # T in softmax((1 - f_c) / T): PiPa's released DAFormer config 0.1; DAFormer/HRDA 0.01
     c.data.rcs.min_pixels = 3000         # an image is a candidate for class c if it holds > this many pixels of c
     c.data.rcs.min_crop_ratio = 0.5      # re-crop (<= 10x) until > min_pixels * ratio pixels of c (HRDA: 2.0; 0 = off)
@@ -226,9 +226,9 @@ def _validate_data(d: ml_collections.ConfigDict, err) -> None:
     if int(d.workers) != d.workers or d.workers < 0:
         err("data.workers", d.workers, "an integer >= 0 (0: threads only)")
     if d.rcs.enabled:
-        if d.source not in ("gta", "synthia"):
+        if d.source not in ("gta", "synthia", "synthetic_source"):
             err("data.rcs.enabled", True, f"False for the source {d.source!r} (RCS needs the class "
-                "statistics of a prepared GTA5 / SYNTHIA root)")
+                "statistics of a prepared GTA5 / SYNTHIA root or the synthetic source)")
         if not d.rcs.temperature > 0:
             err("data.rcs.temperature", d.rcs.temperature, "a positive number")
         if d.rcs.min_pixels < 0:

@@ -80,7 +80,7 @@ def source_dataset(c: ml_collections.ConfigDict) -> grain.MapDataset:
         if not hasattr(src, "class_stats"):
             raise ValueError(
                 f"config.data.rcs.enabled = True, but the source {c.data.source!r} has no class "
-                "statistics (Rare Class Sampling is for GTA5 / SYNTHIA); set --config.data.rcs.enabled=False")
+                "statistics; set --config.data.rcs.enabled=False")
         rcs = RareClassSampling(src, src.class_stats(), crop, c.data.rcs.temperature,
                                 c.data.rcs.min_pixels, c.data.rcs.min_crop_ratio)
         # Every element samples its own class and image (with replacement), as the official code.
