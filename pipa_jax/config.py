@@ -56,6 +56,8 @@ def base_config() -> ml_collections.ConfigDict:
     c.data.image_size = (256, 512)       # synthetic sources: rendered (height, width)
     c.data.num_train = 2000              # synthetic sources: examples per domain (train split)
     c.data.num_val = 100                 # synthetic target: validation examples
+    c.data.synthetic_omit_classes = ()   # synthetic sources: class names never drawn (see
+                                         # pipa_jax.data.synthetic.OMITTABLE); () = all 19
     c.data.flip = True                   # random horizontal flip p=0.5
     c.data.eval_batch_size = 4           # global
     c.data.prefetch = 2                  # batches prepared ahead by host threads

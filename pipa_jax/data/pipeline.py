@@ -46,7 +46,8 @@ def make_source(name: str, split: str, c: ml_collections.ConfigDict):
     if name in SYNTHETIC:
         h, w = c.data.image_size
         n = c.data.num_train if split == "train" else c.data.num_val
-        return SyntheticSource(name.split("_")[1], split, n, h, w, seed=c.seed)
+        return SyntheticSource(name.split("_")[1], split, n, h, w, seed=c.seed,
+                               omit_classes=tuple(c.data.synthetic_omit_classes))
     if name in REAL:
         full_res_label = name == "cityscapes" and split == "val"
         size = source_size(name, c)
