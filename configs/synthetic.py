@@ -14,32 +14,45 @@ def get_config(arg: str = ""):
     c.model.backbone = "mit_b0"
     c.model.embed_dim = 64
     c.model.pixel_proj_dim = 64
-    # Sized for the 10-minute budget on 2 CPU cores (README): 96x192 scenes, 96x96 crops, 4 + 4
-    # images a step, 500 steps.
+    # Sized for the 10-minute budget on 2 CPU cores (README): 96x192 scenes, 96x96 crops, 2 + 2
+    # images a step (the official batch), 1000 steps. Measured (DAFormer, seed 0, same images
+    # seen): 4 + 4 x 500 steps and 2 + 2 x 1000 cost the same time; the smaller batch did as
+    # well or better.
     c.data.image_size = (96, 192)
     c.data.crop_size = (96, 96)
     c.data.num_train = 500
     c.data.num_val = 50
-    c.batch_size = 4
-    c.data.eval_batch_size = 8
-    c.total_steps = 500
-    c.log_every = 25
-    c.eval_every = 250
-    c.checkpoint_every = 250
+    c.batch_size = 2
+    c.data.eval_batch_size = 10
+    c.total_steps = 1000
+    c.log_every = 50
+    c.eval_every = 500
+    c.checkpoint_every = 500
+    # Classes that no method learns at this size and length, not even the oracle (trained with
+    # target labels; 3 seeds of the earlier 19-class version: 0-2 % IoU for each): traffic
+    # lights and signs (a few pixels at 96x192), trains (2-3 % of images), motorcycles, walls
+    # and fences. They are not drawn, so the table is not diluted by classes nobody can get;
+    # --config.data.synthetic_omit_classes="()" draws all 19.
+    c.data.synthetic_omit_classes = ("wall", "fence", "traffic light", "traffic sign", "train",
+                                     "motorcycle")
+    # Rare Class Sampling on the source, as in the DAFormer / PiPa recipes; the class threshold
+    # is scaled from 3000 pixels of a 1280x720 GTA image to the 96x192 scenes (~60).
+    c.data.rcs.enabled = True
+    c.data.rcs.min_pixels = 50
     c.optimizer.learning_rate = 6e-4          # random init (no ImageNet weights): a higher rate
     c.optimizer.warmup_steps = 50
-    # The teacher's momentum ceiling: 0.999 (DAFormer / PiPa) averages over ~1000 steps, twice this
-    # whole run, so the teacher would still carry the random initialisation at the end; 0.99
-    # (DACS's value) averages over ~100 steps, 20 % of the run (0.999 is 2.5 % of a 40k-step run).
-    # Measured (DAFormer, seed 0, 500 steps, an earlier version of the generator): 0.99 gave 11.8 %
-    # target mIoU; PiPa with 0.999 gave 10.3 %.
+    # The teacher's momentum ceiling: 0.999 (DAFormer / PiPa) averages over ~1000 steps, this whole
+    # run, so the teacher would still carry the random initialisation at the end; 0.99 (DACS's
+    # value) averages over ~100 steps, 10 % of the run (0.999 is 2.5 % of a 40k-step run).
+    # Measured (DAFormer, seed 0, 4 + 4 x 500 steps, an earlier version of the generator): 0.99
+    # gave 11.8 % target mIoU; PiPa with 0.999 gave 10.3 %.
     c.uda.ema_alpha = 0.99
     c.uda.margin_top = 0
     c.uda.margin_bottom = 0
     c.pipa.pixel.min_pixels = 20
     c.pipa.pixel.max_samples = 512
     c.pipa.patch.crop_size = (64, 64)
-    c.pipa.patch.start_step = 150
+    c.pipa.patch.start_step = 300
     c.pipa.patch.bank_cells = 256
     config_lib.apply_method(c, opts.pop("method", "pipa"))
     if opts.pop("tiny", None):
@@ -53,6 +66,8 @@ def get_config(arg: str = ""):
         c.data.num_train = 16
         c.batch_size = 8                  # divisible by the tests' 8 fake devices
         c.data.num_val = 8
+        c.data.eval_batch_size = 8
+        c.data.rcs.min_pixels = 10
         c.total_steps = 4
         c.log_every = 2
         c.eval_every = 0
