@@ -13,6 +13,7 @@ means, and wall time per run (which includes compilation).
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
 import datetime
 import json
 import os
@@ -78,7 +79,8 @@ def markdown(summary: dict, meta: dict) -> str:
     lines = [f"# Synthetic domain pair: target-val mIoU (%) of the final student, {meta['date']}", "",
              f"Command: `{meta['command']}`", f"Machine: {meta['machine']}", "",
              "Wall time is the whole command (start-up, compilation, training, evaluations, report); "
-             "runs after the first share XLA's persistent compilation cache.", "",
+             "runs after the first share XLA's persistent compilation cache. "
+             f"Runs at a time: {meta.get('jobs', 1)} (with 2, each run's wall time is longer than alone).", "",
              "| method | mIoU mean | std | runs | per seed | teacher mIoU mean | median wall time (s) |",
              "|---|---:|---:|---:|---|---:|---:|"]
     for m, s in summary.items():
@@ -112,6 +114,7 @@ def main():
     ap.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "results", "synthetic_uda"))
     ap.add_argument("--extra", default="", help="extra --config.x=y overrides, space separated")
     ap.add_argument("--config_args", default="", help="appended to the config argument, e.g. ',tiny'")
+    ap.add_argument("--jobs", type=int, default=1, help="runs at a time (each is its own process)")
     args = ap.parse_args()
     methods = [m for m in args.methods.split(",") if m]
     unknown = set(methods) - set(METHODS)
@@ -119,19 +122,30 @@ def main():
         raise SystemExit(f"unknown methods {sorted(unknown)}; expected some of {', '.join(METHODS)}")
     seeds = [int(s) for s in args.seeds.split(",")]
     extra = args.extra.split()
-    runs = []
-    for seed in seeds:
+
+    def one(m, seed):
+        workdir = os.path.join(args.runs_dir, f"{m}_seed{seed}")
         base = os.path.join(args.runs_dir, f"source_only_seed{seed}")
-        for m in sorted(methods, key=lambda m: m != "source_only"):
-            workdir = os.path.join(args.runs_dir, f"{m}_seed{seed}")
-            baseline = base if m != "source_only" and os.path.exists(os.path.join(base, "metrics.json")) else None
-            rec = run_one(m, seed, workdir, extra, baseline, args.config_args)
-            print(f"{m:12s} seed {seed}: mIoU {100 * rec['miou']:.1f}  ({rec['wall_s']:.0f} s)", flush=True)
-            runs.append(rec)
+        baseline = base if m != "source_only" and os.path.exists(os.path.join(base, "metrics.json")) else None
+        rec = run_one(m, seed, workdir, extra, baseline, args.config_args)
+        print(f"{m:12s} seed {seed}: mIoU {100 * rec['miou']:.1f}  ({rec['wall_s']:.0f} s)", flush=True)
+        return rec
+
+    # Source-only runs first: the other methods of the same seed show their prediction as the
+    # baseline column. With --jobs N, N runs share the machine at a time (each run's wall time
+    # then grows, so compare wall times only between benchmarks run with the same --jobs).
+    order = [(m, s) for m in methods if m == "source_only" for s in seeds]
+    order += [(m, s) for s in seeds for m in methods if m != "source_only"]
+    with concurrent.futures.ThreadPoolExecutor(max_workers=args.jobs) as pool:
+        first = list(pool.map(lambda ms: one(*ms), [o for o in order if o[0] == "source_only"]))
+        rest = list(pool.map(lambda ms: one(*ms), [o for o in order if o[0] != "source_only"]))
+    by_key = {(r["method"], r["seed"]): r for r in first + rest}
+    runs = [by_key[(m, s)] for s in seeds for m in sorted(methods, key=lambda m: m != "source_only")]
     meta = {"date": datetime.date.today().isoformat(),
             "command": "python " + " ".join(os.path.relpath(a, ROOT) if a.startswith(ROOT) else a
                                             for a in sys.argv),
-            "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores, Python {platform.python_version()}"}
+            "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores, Python {platform.python_version()}",
+            "jobs": args.jobs}
     summary = summarize(runs)
     os.makedirs(os.path.dirname(args.out), exist_ok=True)
     with open(args.out + ".json", "w") as f:
