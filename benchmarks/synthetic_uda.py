@@ -115,6 +115,8 @@ def main():
     ap.add_argument("--extra", default="", help="extra --config.x=y overrides, space separated")
     ap.add_argument("--config_args", default="", help="appended to the config argument, e.g. ',tiny'")
     ap.add_argument("--jobs", type=int, default=1, help="runs at a time (each is its own process)")
+    ap.add_argument("--finished_only", action="store_true",
+                    help="run nothing: tabulate the runs in --runs_dir that have finished")
     args = ap.parse_args()
     methods = [m for m in args.methods.split(",") if m]
     unknown = set(methods) - set(METHODS)
@@ -125,6 +127,8 @@ def main():
 
     def one(m, seed):
         workdir = os.path.join(args.runs_dir, f"{m}_seed{seed}")
+        if args.finished_only and not os.path.exists(os.path.join(workdir, "benchmark_run.json")):
+            return None
         base = os.path.join(args.runs_dir, f"source_only_seed{seed}")
         baseline = base if m != "source_only" and os.path.exists(os.path.join(base, "metrics.json")) else None
         rec = run_one(m, seed, workdir, extra, baseline, args.config_args)
@@ -139,8 +143,9 @@ def main():
     with concurrent.futures.ThreadPoolExecutor(max_workers=args.jobs) as pool:
         first = list(pool.map(lambda ms: one(*ms), [o for o in order if o[0] == "source_only"]))
         rest = list(pool.map(lambda ms: one(*ms), [o for o in order if o[0] != "source_only"]))
-    by_key = {(r["method"], r["seed"]): r for r in first + rest}
-    runs = [by_key[(m, s)] for s in seeds for m in sorted(methods, key=lambda m: m != "source_only")]
+    by_key = {(r["method"], r["seed"]): r for r in first + rest if r is not None}
+    runs = [by_key[(m, s)] for s in seeds for m in sorted(methods, key=lambda m: m != "source_only")
+            if (m, s) in by_key]
     meta = {"date": datetime.date.today().isoformat(),
             "command": "python " + " ".join(os.path.relpath(a, ROOT) if a.startswith(ROOT) else a
                                             for a in sys.argv),
