@@ -138,11 +138,11 @@ def main():
     # Source-only runs first: the other methods of the same seed show their prediction as the
     # baseline column. With --jobs N, N runs share the machine at a time (each run's wall time
     # then grows, so compare wall times only between benchmarks run with the same --jobs).
-    order = [(m, s) for m in methods if m == "source_only" for s in seeds]
-    order += [(m, s) for s in seeds for m in methods if m != "source_only"]
+    first = [("source_only", s) for s in seeds] if "source_only" in methods else []
+    rest = [(m, s) for s in seeds for m in methods if m != "source_only"]
     with concurrent.futures.ThreadPoolExecutor(max_workers=args.jobs) as pool:
-        first = list(pool.map(lambda ms: one(*ms), [o for o in order if o[0] == "source_only"]))
-        rest = list(pool.map(lambda ms: one(*ms), [o for o in order if o[0] != "source_only"]))
+        first = list(pool.map(lambda ms: one(*ms), first))
+        rest = list(pool.map(lambda ms: one(*ms), rest))
     by_key = {(r["method"], r["seed"]): r for r in first + rest if r is not None}
     runs = [by_key[(m, s)] for s in seeds for m in sorted(methods, key=lambda m: m != "source_only")
             if (m, s) in by_key]
