@@ -1,7 +1,9 @@
-"""The CPU fast forms compute exactly what the native lax convolutions compute, values and
-gradients: the depthwise shift conv with its hand-written VJP, 1x1 convs and the attention's
-kernel = stride spatial reduction as matmuls, and the remat option; then the whole Segmentor
-with every fast form against every native form (jit, scanned stages, sharded batch)."""
+"""The CPU fast forms compute exactly what the native lax convolutions and the dense attention
+compute, values and gradients: the depthwise shift conv with its hand-written VJP (and its
+row-blocked tap gradient), 1x1 convs and the attention's kernel = stride spatial reduction as
+matmuls, the per-tap filter gradient of stride-1 k x k convs, the chunked attention with its
+hand-written VJP, the erf GELU, and the remat option; then the whole Segmentor with every fast
+form against every native form (jit, scanned stages, sharded batch)."""
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -114,8 +116,8 @@ def test_conv_matmul_forms_match_native(kernel_size, stride, size, use_bias):
 
 
 def test_classifier_conv_same_padding_and_non_matmul_convs():
-    """nnx.Conv-style 'SAME' 1x1 classifiers take the matmul form; 3x3 and strided 3x3 convs keep
-    the lax convolution even with impl='matmul'."""
+    """nnx.Conv-style 'SAME' 1x1 classifiers take the matmul form; stride-1 3x3 convs take the
+    per-tap filter gradient; strided 3x3 convs keep the lax convolution even with impl='matmul'."""
     x = normal(0, (2, 5, 7, 8))
     outs = []
     for impl in ("matmul", "native"):
@@ -123,7 +125,7 @@ def test_classifier_conv_same_padding_and_non_matmul_convs():
         outs.append(module_vjp(conv, x, seed=1))
     assert_trees_close(outs[0], outs[1], atol=1e-4)
     assert layers.Conv2d(8, 3, (1, 1), impl="matmul", rngs=nnx.Rngs(0)).matmul_form() == "pointwise"
-    assert layers.conv2d(8, 3, 3, padding=1, impl="matmul", rngs=nnx.Rngs(0)).matmul_form() is None
+    assert layers.conv2d(8, 3, 3, padding=1, impl="matmul", rngs=nnx.Rngs(0)).matmul_form() == "taps"
     assert layers.conv2d(8, 3, 3, stride=2, padding=1, impl="matmul", rngs=nnx.Rngs(0)).matmul_form() is None
     assert layers.conv2d(8, 3, 2, stride=2, padding=1, impl="matmul", rngs=nnx.Rngs(0)).matmul_form() is None
     with pytest.raises(ValueError, match="conv_impl"):
@@ -132,10 +134,114 @@ def test_classifier_conv_same_padding_and_non_matmul_convs():
         layers.DepthwiseConv2d(8, impl="fast", rngs=nnx.Rngs(0))
 
 
+@pytest.mark.parametrize("cin,cout,kernel_size,dilation,size", [
+    (6, 5, 3, 1, (9, 7)),
+    (4, 3, 3, 2, (8, 11)),
+    (5, 4, 5, 1, (7, 6)),
+])
+def test_conv_tap_filter_gradient_matches_native(cin, cout, kernel_size, dilation, size):
+    x = normal(0, (2,) + size + (cin,))
+    results = {}
+    for impl in ("matmul", "native"):
+        conv = layers.conv2d(cin, cout, kernel_size, padding=dilation * (kernel_size // 2), dilation=dilation,
+                             use_bias=False, impl=impl, rngs=nnx.Rngs(1))
+        results[impl] = module_vjp(conv, x, seed=3)
+    assert layers.conv2d(cin, cout, kernel_size, padding=1, impl="matmul", rngs=nnx.Rngs(0)).matmul_form() == "taps"
+    (y, (gp, gx)), (y_n, (gp_n, gx_n)) = results["matmul"], results["native"]
+    assert y.shape == y_n.shape == (2,) + size + (cout,)
+    np.testing.assert_allclose(y, y_n, **F32)
+    np.testing.assert_allclose(gx, gx_n, **F32)
+    assert_trees_close(gp, gp_n, atol=1e-4)
+
+
+@pytest.mark.parametrize("shape,dilation,block", [
+    ((2, 13, 9, 4), 1, 9 * 2 * 4),     # 1-row blocks
+    ((1, 11, 7, 3), 2, 3 * 7 * 3),     # 3-row blocks, last block padded (11 = 3 * 4 - 1)
+    ((2, 10, 6, 5), 6, 2 * 2 * 6 * 5),  # dilation wider than a block
+])
+def test_depthwise_tap_gradient_blocks_match_native(monkeypatch, shape, dilation, block):
+    """The shift VJP's tap gradient walks the rows in blocks (in the full-size model: blocks of
+    TAP_GRAD_BLOCK_ELEMENTS); small blocks here make several blocks and a padded last block."""
+    monkeypatch.setattr(layers, "TAP_GRAD_BLOCK_ELEMENTS", block)
+    x = normal(0, shape)
+    results = {}
+    for impl in ("shift", "native"):
+        m = layers.DepthwiseConv2d(shape[-1], dilation=dilation, impl=impl, rngs=nnx.Rngs(3))
+        results[impl] = module_vjp(m, x, seed=5)
+    assert_trees_close(results["shift"], results["native"], atol=1e-5)
+
+
+def dense_attention_reference(q, k, v):
+    """Plain softmax attention in float64 NumPy: [B, N, h, d] x [B, M, h, d] -> [B, N, h, d]."""
+    q, k, v = (np.asarray(t, np.float64) for t in (q, k, v))
+    logits = np.einsum("bqhd,bkhd->bhqk", q, k) / np.sqrt(q.shape[-1])
+    p = np.exp(logits - logits.max(-1, keepdims=True))
+    p /= p.sum(-1, keepdims=True)
+    return np.einsum("bhqk,bkhd->bqhd", p, v)
+
+
+@pytest.mark.parametrize("n,m,heads,chunk", [
+    (37, 9, 2, 8),      # 5 chunks, last one padded with 3 zero rows
+    (64, 16, 1, 16),    # exact chunks
+    (20, 7, 3, None),   # default chunk: one chunk
+    (10, 5, 1, 64),     # chunk larger than n
+])
+def test_chunked_attention_matches_dense(n, m, heads, chunk):
+    q, k, v = normal(0, (2, n, heads, 8)), normal(1, (2, m, heads, 8)), normal(2, (2, m, heads, 8))
+    w = normal(3, (2, n, heads, 8))
+    ref = dense_attention_reference(q, k, v)
+    results = {}
+    for impl in ("chunked", "dense"):
+        def f(q, k, v, impl=impl):
+            return jnp.sum(layers.attention(q, k, v, impl=impl, chunk=chunk) * w)
+
+        out = jax.jit(lambda q, k, v, impl=impl: layers.attention(q, k, v, impl=impl, chunk=chunk))(q, k, v)
+        np.testing.assert_allclose(out, ref, rtol=1e-5, atol=1e-5)
+        results[impl] = jax.jit(jax.grad(f, argnums=(0, 1, 2)))(q, k, v)
+    assert_trees_close(results["chunked"], results["dense"], atol=1e-5)
+    # Gradients against central finite differences of the float64 reference (one coordinate each).
+    eps = 1e-4
+    for arg in range(3):
+        args = [np.asarray(t, np.float64) for t in (q, k, v)]
+        idx = (1, min(3, args[arg].shape[1] - 1), heads - 1, 5)
+        hi, lo = [a.copy() for a in args], [a.copy() for a in args]
+        hi[arg][idx] += eps
+        lo[arg][idx] -= eps
+        fd = (np.sum(dense_attention_reference(*hi) * np.asarray(w)) -
+              np.sum(dense_attention_reference(*lo) * np.asarray(w))) / (2 * eps)
+        np.testing.assert_allclose(float(results["chunked"][arg][idx]), fd, rtol=1e-3, atol=1e-4)
+
+
+def test_chunked_attention_bfloat16_and_chunk_sizes():
+    q, k, v = (normal(s, (2, 50, 2, 16)) for s in (0, 1, 2))
+    ref = layers.attention(q, k, v, impl="dense")
+    out = layers.attention(*(t.astype(jnp.bfloat16) for t in (q, k, v)), impl="chunked", chunk=16)
+    assert out.dtype == jnp.bfloat16
+    np.testing.assert_allclose(np.asarray(out, np.float32), ref, atol=5e-2)
+    grads = jax.grad(lambda q: jnp.sum(layers.attention(q, k.astype(jnp.bfloat16), v.astype(jnp.bfloat16),
+                                                        impl="chunked", chunk=16).astype(jnp.float32)))(
+        q.astype(jnp.bfloat16))
+    assert grads.dtype == jnp.bfloat16 and bool(jnp.all(jnp.isfinite(grads.astype(jnp.float32))))
+    # Chunks hold at most ATTENTION_CHUNK_ELEMENTS logits; small problems are one chunk.
+    assert layers.attention_chunk_size(2, 1, 16384, 256) == 2048
+    assert layers.attention_chunk_size(2, 8, 256, 256) == 256
+    assert 2 * 5 * layers.attention_chunk_size(2, 5, 1024, 256) * 256 <= layers.ATTENTION_CHUNK_ELEMENTS
+    with pytest.raises(ValueError, match="attention_impl"):
+        layers.attention(q, k, v, impl="flash")
+
+
+def test_gelu_erf_matches_exact_gelu():
+    x = normal(0, (1000,)) * 4
+    np.testing.assert_allclose(layers.gelu_erf(x), jax.nn.gelu(x, approximate=False), rtol=1e-5, atol=2e-6)
+    np.testing.assert_allclose(jax.grad(lambda t: jnp.sum(layers.gelu_erf(t)))(x),
+                               jax.grad(lambda t: jnp.sum(jax.nn.gelu(t, approximate=False)))(x), atol=2e-6)
+
+
 def test_auto_forms_follow_the_backend():
     assert jax.default_backend() == "cpu"
     assert layers.resolve_conv_impl("auto") == "matmul"
     assert layers.resolve_dwconv_impl("auto") == "shift"
+    assert layers.resolve_attention_impl("auto") == "chunked"
 
 
 # ---- encoder with scanned stages and remat ---------------------------------------------------
@@ -149,9 +255,9 @@ def test_encoder_scan_remat_fast_forms_match_native():
     results = []
     # Fast forms with remat (custom VJP inside jax.checkpoint inside lax.scan) vs native without;
     # the Segmentor test below covers the fast forms without remat.
-    for dw, conv, remat in [("shift", "matmul", True), ("native", "native", False)]:
-        m = MixVisionTransformer(v, drop_path_rate=0.3, dwconv_impl=dw, conv_impl=conv, remat=remat,
-                                 rngs=nnx.Rngs(2))
+    for dw, conv, att, remat in [("shift", "matmul", "chunked", True), ("native", "native", "dense", False)]:
+        m = MixVisionTransformer(v, drop_path_rate=0.3, dwconv_impl=dw, conv_impl=conv, attention_impl=att,
+                                 remat=remat, rngs=nnx.Rngs(2))
         graphdef, params = nnx.split(m)
 
         def loss(params, x, graphdef=graphdef):
@@ -176,8 +282,8 @@ def test_segmentor_fast_forms_match_native():
     x = jax.device_put(normal(0, (8, 64, 96, 3)), NamedSharding(mesh, P("data")))
     rng = jax.random.key(3)
     results = []
-    for dw, conv in [("auto", "auto"), ("native", "native")]:
-        model = build_segmentor(small_config(dwconv_impl=dw, conv_impl=conv), seed=1)
+    for dw, conv, att in [("auto", "auto", "auto"), ("native", "native", "dense")]:
+        model = build_segmentor(small_config(dwconv_impl=dw, conv_impl=conv, attention_impl=att), seed=1)
         graphdef, params, stats = nnx.split(model, nnx.Param, nnx.BatchStat)
 
         def loss(params, stats, x, graphdef=graphdef):

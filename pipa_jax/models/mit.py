@@ -66,9 +66,10 @@ class OverlapPatchEmbed(nnx.Module):
 class Attention(nnx.Module):
     """Efficient self-attention: keys/values from a spatially reduced map when sr_ratio > 1
     (`sr`: conv with kernel = stride = sr_ratio, no padding, a patch matmul on CPU, see
-    layers.Conv2d)."""
+    layers.Conv2d). The softmax attention itself is layers.attention (`attention_impl`)."""
 
-    def __init__(self, dim, num_heads, sr_ratio, *, conv_impl="auto", dtype, param_dtype, rngs):
+    def __init__(self, dim, num_heads, sr_ratio, *, conv_impl="auto", attention_impl="auto", dtype, param_dtype,
+                 rngs):
         kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         self.num_heads = num_heads
         self.sr_ratio = sr_ratio
@@ -78,6 +79,8 @@ class Attention(nnx.Module):
         if sr_ratio > 1:
             self.sr = layers.conv2d(dim, dim, sr_ratio, stride=sr_ratio, impl=conv_impl, **kw)
             self.norm = layers.layer_norm(dim, 1e-5, **kw)
+        layers.resolve_attention_impl(attention_impl)  # validate early
+        self.attention_impl = attention_impl
         self.dtype = dtype
 
     def __call__(self, x):  # x: [B, h, w, C]
@@ -87,9 +90,7 @@ class Attention(nnx.Module):
         src = self.norm(self.sr(x)) if self.sr_ratio > 1 else x
         kv = self.kv(src).reshape(b, -1, 2, heads, hd)
         k, v = kv[:, :, 0], kv[:, :, 1]
-        logits = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32)
-        probs = jax.nn.softmax(logits * (hd ** -0.5), axis=-1).astype(v.dtype)
-        out = jnp.einsum("bhqk,bkhd->bqhd", probs, v).reshape(b, h, w, c)
+        out = layers.attention(q, k, v, impl=self.attention_impl).reshape(b, h, w, c)
         return self.proj(out)
 
 
@@ -113,18 +114,18 @@ class MixFFN(nnx.Module):
         self.fc2 = layers.linear(hidden, dim, **kw)
 
     def __call__(self, x):
-        return self.fc2(jax.nn.gelu(self.dwconv(self.fc1(x)), approximate=False))
+        return self.fc2(layers.gelu_erf(self.dwconv(self.fc1(x))))
 
 
 class Block(nnx.Module):
     """Pre-norm transformer block. The drop-path rate is a call argument (not an attribute) so
     all blocks of a stage share one graph definition and can be scanned."""
 
-    def __init__(self, dim, num_heads, mlp_ratio, sr_ratio, *, impl, conv_impl="auto", dtype, param_dtype,
-                 rngs):
+    def __init__(self, dim, num_heads, mlp_ratio, sr_ratio, *, impl, conv_impl="auto", attention_impl="auto",
+                 dtype, param_dtype, rngs):
         kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         self.norm1 = layers.layer_norm(dim, 1e-6, **kw)
-        self.attn = Attention(dim, num_heads, sr_ratio, conv_impl=conv_impl, **kw)
+        self.attn = Attention(dim, num_heads, sr_ratio, conv_impl=conv_impl, attention_impl=attention_impl, **kw)
         self.norm2 = layers.layer_norm(dim, 1e-6, **kw)
         self.mlp = MixFFN(dim, dim * mlp_ratio, impl=impl, **kw)
 
@@ -146,6 +147,7 @@ class MixVisionTransformer(nnx.Module):
       dwconv_impl: 'auto' | 'shift' | 'shift_autodiff' | 'native' (see layers.resolve_dwconv_impl).
       conv_impl: 'auto' | 'matmul' | 'native': the attention's spatial-reduction conv as a patch
         matmul or a lax conv (see layers.resolve_conv_impl).
+      attention_impl: 'auto' | 'chunked' | 'dense' (see layers.resolve_attention_impl).
       scan_blocks: run the blocks of each stage with >= SCAN_MIN_DEPTH blocks as one lax.scan over
         stacked parameters. The result is identical; compile time stops growing with depth
         (MiT-b5 has 40 blocks in stage 3).
@@ -155,7 +157,7 @@ class MixVisionTransformer(nnx.Module):
     """
 
     def __init__(self, variant: str = "b5", *, drop_path_rate: float = 0.1, dwconv_impl: str = "auto",
-                 conv_impl: str = "auto", scan_blocks: bool = True, remat: bool = False,
+                 conv_impl: str = "auto", attention_impl: str = "auto", scan_blocks: bool = True, remat: bool = False,
                  dtype=jnp.float32, param_dtype=jnp.float32, rngs: nnx.Rngs):
         v = get_variant(variant)
         self.variant = variant
@@ -173,7 +175,7 @@ class MixVisionTransformer(nnx.Module):
                                                                    conv_impl=conv_impl, **kw))
             setattr(self, f"block{s + 1}", nnx.List([
                 Block(v.embed_dims[s], v.num_heads[s], v.mlp_ratio, v.sr_ratios[s], impl=dwconv_impl,
-                      conv_impl=conv_impl, **kw)
+                      conv_impl=conv_impl, attention_impl=attention_impl, **kw)
                 for _ in range(v.depths[s])
             ]))
             setattr(self, f"norm{s + 1}", layers.layer_norm(v.embed_dims[s], 1e-6, **kw))
