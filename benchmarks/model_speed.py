@@ -4,7 +4,9 @@ Measures, for MiT-b0 and MiT-b5 at batch 2, 512x512 (float32):
 
 * forward (eval mode) and one training step (forward + backward + AdamW, train mode: batch-stat
   BatchNorm, dropout, drop path) of
-    - our Segmentor with the DAFormer head            (the PiPa network; no like-for-like PyTorch row)
+    - our Segmentor with the DAFormer head            vs HF SegformerModel + a PyTorch DAFormer head
+                                                       (the independent reference of
+                                                       tests/test_head_parity.py)                [like-for-like]
     - our Segmentor with the SegFormer all-MLP head    vs HF SegformerForSemanticSegmentation  [like-for-like]
     - our MixVisionTransformer encoder alone           vs HF SegformerModel                      [like-for-like]
   Segmentation rows use the mean cross-entropy of the stride-4 logits vs random labels; encoder
@@ -47,6 +49,11 @@ from transformers import SegformerConfig, SegformerForSemanticSegmentation, Segf
 import flax
 from pipa_jax.models import MixVisionTransformer, build_segmentor, default_model_config
 from pipa_jax.models.mit import MIT_VARIANTS
+
+# The PyTorch DAFormer head: the test suite's reference, written from METHOD.md §2.2 (mmseg has
+# no installable DAFormer head); tests/test_head_parity.py proves it equal to ours to 1e-4.
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), os.pardir, "tests"))
+from test_head_parity import TDAFormerHead  # noqa: E402
 
 NUM_CLASSES = 19
 LR, WD = 6e-5, 0.01
@@ -248,18 +255,33 @@ def hf_config(variant):
                            decoder_hidden_size=256, classifier_dropout_prob=0.1, num_labels=NUM_CLASSES)
 
 
+class TorchDAFormerSegmentor(torch.nn.Module):
+    """HF SegformerModel (the MiT encoder) + the PyTorch DAFormer head, as the official network."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        self.encoder = SegformerModel(cfg)
+        self.head = TDAFormerHead(cfg.hidden_sizes, NUM_CLASSES, 256, (1, 6, 12, 18))
+
+    def forward(self, x):
+        return self.head(list(self.encoder(x, output_hidden_states=True).hidden_states))
+
+
 class TorchCase:
     framework = "pytorch"
     can_step = True
     skip_reason = None
 
     def __init__(self, name, variant, kind, x, y):
-        """kind: 'segformer' (SegformerForSemanticSegmentation) | 'encoder' (SegformerModel)."""
+        """kind: 'daformer' (SegformerModel + DAFormer head) | 'segformer'
+        (SegformerForSemanticSegmentation) | 'encoder' (SegformerModel)."""
         self.name, self.kind = name, kind
         torch.manual_seed(0)
         cfg = hf_config(variant)
-        self.model = SegformerForSemanticSegmentation(cfg) if kind == "segformer" else SegformerModel(cfg)
-        self.attn_impl = self.model.config._attn_implementation
+        self.model = {"daformer": TorchDAFormerSegmentor, "segformer": SegformerForSemanticSegmentation,
+                      "encoder": SegformerModel}[kind](cfg)
+        hf = self.model.encoder if kind == "daformer" else self.model
+        self.attn_impl = hf.config._attn_implementation
         self.n_params = int(sum(p.numel() for p in self.model.parameters()))
         self.opt = torch.optim.AdamW(self.model.parameters(), lr=LR, weight_decay=WD)
         self.x, self.y = x, y
@@ -273,6 +295,8 @@ class TorchCase:
     def _out(self):
         if self.kind == "encoder":
             return self.model(self.x, output_hidden_states=True).hidden_states
+        if self.kind == "daformer":
+            return self.model(self.x)
         return self.model(self.x).logits
 
     def time_forward(self):
@@ -324,9 +348,9 @@ def run_rounds(cases, repeats, what=("forward", "train_step")):
     return runs
 
 
-PAIRS = (("jax_segformer", "torch_segformer"), ("jax_encoder", "torch_encoder"),
-         ("jax_daformer", "torch_segformer"))
-ROWS = ("jax_daformer", "torch_segformer", "jax_segformer", "jax_encoder", "torch_encoder")
+PAIRS = (("jax_daformer", "torch_daformer"), ("jax_segformer", "torch_segformer"),
+         ("jax_encoder", "torch_encoder"))
+ROWS = ("jax_daformer", "torch_daformer", "jax_segformer", "torch_segformer", "jax_encoder", "torch_encoder")
 
 
 def bench_main(variant, batch, size, repeats, warmup, rows=ROWS):
@@ -563,13 +587,14 @@ def write_markdown(path, res):
          "XLA temp memory = compiled.memory_analysis().temp_size_in_bytes (activations and scratch "
          "of one call, beside parameters and optimizer state).", ""]
     desc = {"jax_daformer": "pipa_jax Segmentor, DAFormer head",
+            "torch_daformer": "HF SegformerModel + PyTorch DAFormer head (tests' reference)",
             "torch_segformer": "HF SegformerForSemanticSegmentation",
             "jax_segformer": "pipa_jax Segmentor, SegFormer head",
             "jax_encoder": "pipa_jax MixVisionTransformer",
             "torch_encoder": "HF SegformerModel"}
-    ll = {"jax_segformer/torch_segformer": "yes: same network (MiT + all-MLP head)",
-          "jax_encoder/torch_encoder": "yes: same encoder",
-          "jax_daformer/torch_segformer": "no: the DAFormer head does much more work than the all-MLP head"}
+    ll = {"jax_daformer/torch_daformer": "yes: same network (MiT + DAFormer head), the PiPa network",
+          "jax_segformer/torch_segformer": "yes: same network (MiT + all-MLP head)",
+          "jax_encoder/torch_encoder": "yes: same encoder"}
     for variant, r in res["variants"].items():
         if not r.get("main"):
             L += [f"## MiT-{variant}: failed ({r.get('failed') or r.get('sections')})", ""]
@@ -596,6 +621,8 @@ def write_markdown(path, res):
               "|---|---|---|---|"]
         for pair, txt in ll.items():
             j, t = pair.split("/")
+            if j not in r["main"] or t not in r["main"]:
+                continue
             cells = []
             for w in ("forward", "train_step"):
                 a, b = r["main"][j][w], r["main"][t][w]
@@ -725,7 +752,7 @@ def main(argv=None):
         if v in args.isolate_rows.split(","):
             # one process per comparison: a b5 train step needs >12 GiB of XLA buffers
             iso = [f"variant:{v}:jax_segformer+torch_segformer", f"variant:{v}:jax_encoder+torch_encoder",
-                   f"variant:{v}:jax_daformer"]
+                   f"variant:{v}:jax_daformer+torch_daformer"]
             sections += [x for x in iso if not args.rows or set(x.split(":")[2].split("+")) & set(args.rows.split(","))]
         else:
             sections.append(f"variant:{v}")
