@@ -41,7 +41,8 @@ _IDENTITY_FIELDS = ("model", "data.crop_size", "batch_size", "seed", "pipa.patch
                     "pipa.patch.bank_steps")
 # Model fields that do not change what a checkpoint holds (how it computes, where it started):
 # a run may resume with other values, e.g. remat=True after running out of memory.
-_FREE_MODEL_FIELDS = ("pretrained", "require_pretrained", "dwconv_impl", "conv_impl", "attention_impl", "remat", "dtype")
+_FREE_MODEL_FIELDS = ("pretrained", "require_pretrained", "dwconv_impl", "conv_impl", "attention_impl", "scan_blocks", "remat",
+                      "dtype")
 
 
 def make_mesh(c: ml_collections.ConfigDict) -> jax.sharding.Mesh:

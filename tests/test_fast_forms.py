@@ -12,7 +12,7 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from pipa_jax.models import build_segmentor, layers
-from pipa_jax.models.mit import MiTVariant, MixVisionTransformer
+from pipa_jax.models.mit import MiTVariant, MixVisionTransformer, resolve_scan_blocks
 from test_convert import small_config  # the same small b0 Segmentor config
 
 F32 = dict(rtol=1e-5, atol=1e-5)
@@ -242,6 +242,10 @@ def test_auto_forms_follow_the_backend():
     assert layers.resolve_conv_impl("auto") == "matmul"
     assert layers.resolve_dwconv_impl("auto") == "shift"
     assert layers.resolve_attention_impl("auto") == "chunked"
+    assert resolve_scan_blocks("auto") is False
+    assert resolve_scan_blocks("True") is True and resolve_scan_blocks(False) is False
+    with pytest.raises(ValueError, match="scan_blocks"):
+        resolve_scan_blocks("sometimes")
 
 
 # ---- encoder with scanned stages and remat ---------------------------------------------------
@@ -257,7 +261,7 @@ def test_encoder_scan_remat_fast_forms_match_native():
     # the Segmentor test below covers the fast forms without remat.
     for dw, conv, att, remat in [("shift", "matmul", "chunked", True), ("native", "native", "dense", False)]:
         m = MixVisionTransformer(v, drop_path_rate=0.3, dwconv_impl=dw, conv_impl=conv, attention_impl=att,
-                                 remat=remat, rngs=nnx.Rngs(2))
+                                 remat=remat, scan_blocks=True, rngs=nnx.Rngs(2))
         graphdef, params = nnx.split(m)
 
         def loss(params, x, graphdef=graphdef):

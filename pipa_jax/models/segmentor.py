@@ -30,7 +30,9 @@ def default_model_config() -> ml_collections.ConfigDict:
     # Encoder attention: 'auto' (chunked on CPU, dense elsewhere), 'chunked' (cache-sized query
     # chunks, hand-written VJP, memory linear in tokens), 'dense'. Same results (layers.attention).
     c.attention_impl = "auto"
-    c.scan_blocks = True           # lax.scan over the blocks of each encoder stage (compile time)
+    # lax.scan over the blocks of each deep encoder stage: True, False or 'auto' (unrolled on CPU,
+    # where the scan costs run time; scanned on GPU/TPU for compile time). Same parameters.
+    c.scan_blocks = "auto"
     c.remat = False                # recompute encoder block activations in the backward pass (memory)
     c.pixel_head = True            # PiPa pixel projection head (training only)
     c.pixel_proj_dim = 256
@@ -64,7 +66,8 @@ class Segmentor(nnx.Module):
             raise ValueError(f"model.backbone must be one of mit_b0..mit_b5, got {backbone!r}")
         self.backbone = mit.MixVisionTransformer(
             backbone, drop_path_rate=config.drop_path_rate, dwconv_impl=config.dwconv_impl,
-            conv_impl=config.conv_impl, attention_impl=config.get("attention_impl", "auto"), scan_blocks=config.scan_blocks, remat=config.remat, **kw)
+            conv_impl=config.conv_impl, attention_impl=config.get("attention_impl", "auto"),
+            scan_blocks=config.scan_blocks, remat=config.remat, **kw)
         dims = self.backbone.embed_dims
         if config.decode_head == "daformer":
             self.decode_head = heads.DAFormerHead(dims, config.num_classes, config.embed_dim,
