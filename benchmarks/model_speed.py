@@ -603,7 +603,7 @@ def write_markdown(path, res):
               f"peak RSS of this process {r.get('peak_rss_mb', 0) / 1024:.1f} GiB)", "",
               *([f"Processes: " + "; ".join(f"`{k.split(':', 2)[-1]}`" + (f" FAILED ({v['failed']})" if 'failed' in v else "")
                                              for k, v in r["sections"].items())
-                 + " (one comparison per process; * = ratio of medians across processes).", ""]
+                 + " (* = ratio of medians of rows measured in different processes).", ""]
                 if len(r.get("sections", {})) > 1 else []),
               "| row | model | params | forward | train step | compile forward | compile train step "
               "| XLA temp memory, train step |",
@@ -691,6 +691,10 @@ def main(argv=None):
     p.add_argument("--isolate-rows", default="b5",
                    help="variants whose comparisons each run in a separate process (memory)")
     p.add_argument("--rows", default="", help="with --isolate-rows: only the processes holding these rows")
+    p.add_argument("--split-frameworks", default="",
+                   help="variants whose every row runs in a process of its own (ratios: of medians across "
+                        "processes). Measured: PyTorch steps interleaved in the same process slow the next "
+                        "JAX MiT-b5 step from ~9 s to 12-15 s (PyTorch's own time is unchanged)")
     p.add_argument("--worker", help=argparse.SUPPRESS)      # internal: one section in this process
     p.add_argument("--worker-out", help=argparse.SUPPRESS)
     p.add_argument("--combine", nargs="+", metavar="JSON",
@@ -749,7 +753,10 @@ def main(argv=None):
     log(json.dumps(res["machine"]))
     sections = []
     for v in [v.strip() for v in args.variants.split(",") if v.strip()]:
-        if v in args.isolate_rows.split(","):
+        if v in args.split_frameworks.split(","):
+            rows = [r for r in ROWS if not args.rows or r in args.rows.split(",")]
+            sections += [f"variant:{v}:{r}" for r in rows]
+        elif v in args.isolate_rows.split(","):
             # one process per comparison: a b5 train step needs >12 GiB of XLA buffers
             iso = [f"variant:{v}:jax_segformer+torch_segformer", f"variant:{v}:jax_encoder+torch_encoder",
                    f"variant:{v}:jax_daformer+torch_daformer"]
