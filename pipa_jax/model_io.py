@@ -53,7 +53,13 @@ def load_model_config(directory: str) -> ml_collections.ConfigDict:
     unknown = sorted(set(values) - set(config.keys()))
     if unknown:
         raise ValueError(f"{path} has unknown model fields {unknown}; written by a newer pipa_jax?")
-    config.update(values)
+    for key, value in values.items():
+        try:
+            config.update({key: value})
+        except TypeError:  # a field whose type changed since (scan_blocks: bool -> True/False/'auto')
+            with config.unlocked():
+                del config[key]
+                config[key] = value
     return config
 
 

@@ -1,5 +1,6 @@
 """Official-format checkpoint files -> pipa_jax: full mmcv checkpoints, the convert CLI and
 every bad input (truncated file, wrong architecture, wrong prefix, pickled code)."""
+import json
 import os
 
 import jax
@@ -76,6 +77,10 @@ def test_convert_cli_round_trip(official_file, tmp_path):
     teacher_dir = tmp_path / "teacher"
     convert_checkpoint.convert_file(path, str(teacher_dir), which="teacher")
     assert model_io.load_model_config(str(teacher_dir)).patch_head is False
+    # A model directory written before scan_blocks became True / False / 'auto' stored a bool.
+    cfg_path = teacher_dir / "model_config.json"
+    cfg_path.write_text(json.dumps(dict(json.loads(cfg_path.read_text()), scan_blocks=True)))
+    assert model_io.load_model_config(str(teacher_dir)).scan_blocks is True
 
 
 def test_imagenet_encoder_checkpoint(tmp_path):
