@@ -237,3 +237,23 @@ def _validate_data(d: ml_collections.ConfigDict, err) -> None:
             err("data.rcs.min_pixels", d.rcs.min_pixels, "a number >= 0")
         if d.rcs.min_crop_ratio < 0:
             err("data.rcs.min_crop_ratio", d.rcs.min_crop_ratio, "a number >= 0 (0: no re-crop)")
+
+
+def merge_json(base: ml_collections.ConfigDict, values: dict) -> None:
+    """Overwrites `base` with JSON `values` (lists back to tuples; unknown keys added; a field whose
+    type changed between versions takes the file's value). Used for run and model configs."""
+    with base.unlocked():
+        for key, value in values.items():
+            old = base.get(key) if key in base else None
+            if isinstance(old, ml_collections.ConfigDict) and isinstance(value, dict):
+                merge_json(old, value)
+                continue
+            if isinstance(value, list) and isinstance(old, tuple):
+                value = tuple(value)
+            elif isinstance(value, dict):
+                value = ml_collections.ConfigDict(value)
+            try:
+                base[key] = value
+            except TypeError:  # a field whose type changed between versions: take the run's value
+                del base[key]
+                base[key] = value

@@ -63,25 +63,6 @@ class LoadedModel:
 
 # ----------------------------------------------------------------------------- configs
 
-def _merge(base: ml_collections.ConfigDict, values: dict) -> None:
-    """Overwrites `base` with JSON `values` (lists back to tuples; unknown keys added)."""
-    with base.unlocked():
-        for key, value in values.items():
-            old = base.get(key) if key in base else None
-            if isinstance(old, ml_collections.ConfigDict) and isinstance(value, dict):
-                _merge(old, value)
-                continue
-            if isinstance(value, list) and isinstance(old, tuple):
-                value = tuple(value)
-            elif isinstance(value, dict):
-                value = ml_collections.ConfigDict(value)
-            try:
-                base[key] = value
-            except TypeError:  # a field whose type changed between versions: take the run's value
-                del base[key]
-                base[key] = value
-
-
 def load_run_config(workdir: str) -> ml_collections.ConfigDict:
     """The config a run was started with (workdir/config.json), on top of today's defaults."""
     path = os.path.join(os.path.abspath(workdir), "config.json")
@@ -93,7 +74,7 @@ def load_run_config(workdir: str) -> ml_collections.ConfigDict:
     with open(path) as f:
         values = json.load(f)
     c = config_lib.base_config()
-    _merge(c, values)
+    config_lib.merge_json(c, values)
     return c
 
 

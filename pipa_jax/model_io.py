@@ -18,6 +18,7 @@ import ml_collections
 import orbax.checkpoint as ocp
 from flax import nnx
 
+from pipa_jax import config as config_lib
 from pipa_jax.models import Segmentor, build_segmentor, default_model_config
 
 
@@ -53,13 +54,7 @@ def load_model_config(directory: str) -> ml_collections.ConfigDict:
     unknown = sorted(set(values) - set(config.keys()))
     if unknown:
         raise ValueError(f"{path} has unknown model fields {unknown}; written by a newer pipa_jax?")
-    for key, value in values.items():
-        try:
-            config.update({key: value})
-        except TypeError:  # a field whose type changed since (scan_blocks: bool -> True/False/'auto')
-            with config.unlocked():
-                del config[key]
-                config[key] = value
+    config_lib.merge_json(config, values)  # e.g. a bool scan_blocks written before 'auto' existed
     return config
 
 

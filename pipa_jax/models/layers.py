@@ -234,7 +234,6 @@ def _shift_depthwise_bwd(dilation, res, g):
     x, taps = res
     kh, kw = taps.shape[:2]
     ph, pw = _same_pads(taps, dilation)
-    oh, ow = g.shape[1], g.shape[2]
     # y[h] = sum_i x[h + i*d - ph] t[i]  =>  dx[h'] = sum_i g[h' - i*d + ph] t[i]
     #       = sum_i' pad(g, lo)[h' + i'*d] t[kh-1-i'] with lo = (kh-1)*d - ph (= ph for odd kh).
     lo = ((kh - 1) * dilation - ph, (kw - 1) * dilation - pw)

@@ -66,7 +66,7 @@ class Segmentor(nnx.Module):
             raise ValueError(f"model.backbone must be one of mit_b0..mit_b5, got {backbone!r}")
         self.backbone = mit.MixVisionTransformer(
             backbone, drop_path_rate=config.drop_path_rate, dwconv_impl=config.dwconv_impl,
-            conv_impl=config.conv_impl, attention_impl=config.get("attention_impl", "auto"),
+            conv_impl=config.conv_impl, attention_impl=config.attention_impl,
             scan_blocks=config.scan_blocks, remat=config.remat, **kw)
         dims = self.backbone.embed_dims
         if config.decode_head == "daformer":
