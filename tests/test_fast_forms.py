@@ -222,10 +222,12 @@ def test_chunked_attention_bfloat16_and_chunk_sizes():
                                                         impl="chunked", chunk=16).astype(jnp.float32)))(
         q.astype(jnp.bfloat16))
     assert grads.dtype == jnp.bfloat16 and bool(jnp.all(jnp.isfinite(grads.astype(jnp.float32))))
-    # Chunks hold at most ATTENTION_CHUNK_ELEMENTS logits; small problems are one chunk.
-    assert layers.attention_chunk_size(2, 1, 16384, 256) == 2048
-    assert layers.attention_chunk_size(2, 8, 256, 256) == 256
-    assert 2 * 5 * layers.attention_chunk_size(2, 5, 1024, 256) * 256 <= layers.ATTENTION_CHUNK_ELEMENTS
+    # A chunk's logits per (image, head) hold at most ATTENTION_CHUNK_ELEMENTS values; small
+    # problems are one chunk.
+    assert layers.attention_chunk_size(16384, 256) == 2048
+    assert layers.attention_chunk_size(1024, 256) == 1024
+    assert layers.attention_chunk_size(4096, 256, elements=1 << 18) == 1024
+    assert layers.attention_chunk_size(100, 10, elements=64) == 64   # never below 64 rows
     with pytest.raises(ValueError, match="attention_impl"):
         layers.attention(q, k, v, impl="flash")
 
