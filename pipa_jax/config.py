@@ -5,6 +5,9 @@ hyperparameters only from the config. Defaults are the DAFormer + PiPa recipe (M
 """
 from __future__ import annotations
 
+import os
+
+import jax
 import ml_collections
 
 from pipa_jax.models import default_model_config
@@ -257,3 +260,19 @@ def merge_json(base: ml_collections.ConfigDict, values: dict) -> None:
             except TypeError:  # a field whose type changed between versions: take the run's value
                 del base[key]
                 base[key] = value
+
+
+def enable_compilation_cache(c) -> None:
+    """XLA's persistent compilation cache in config.compilation_cache_dir ('' = off), for the
+    trainer, the evaluator and the predictor alike: a second run of the same architecture loads
+    its programs instead of compiling them.
+
+    Every program is cached, not only those that took a second or more to compile (JAX's
+    default): building a model eagerly compiles one small program per parameter shape, ~130 for
+    the tiny synthetic config and 0.1-0.6 s each on a 2-core CPU. Measured with a warm cache: a
+    tiny 8-step run took 45.7 s with all programs cached vs 71.5 s with JAX's 1 s threshold.
+    """
+    path = c.get("compilation_cache_dir", "") if hasattr(c, "get") else ""
+    if path:
+        jax.config.update("jax_compilation_cache_dir", os.path.expanduser(path))
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)

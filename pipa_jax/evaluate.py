@@ -443,7 +443,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return code
     try:
         loaded, c = load_model_and_config(fv.workdir, fv.checkpoint, fv.config, fv.which)
-        enable_compilation_cache(c)
+        config_lib.enable_compilation_cache(c)
         result = evaluate_model(loaded, c, predictions_dir=fv.predictions)
     except (OSError, ValueError) as e:
         print(f"{prog}: error: {e}", file=sys.stderr)
@@ -454,15 +454,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(format_result(result))
         print(f"wrote {paths[0]} and {paths[1]}")
     return 0
-
-
-def enable_compilation_cache(c) -> None:
-    """XLA's persistent compilation cache from config.compilation_cache_dir (as the trainer):
-    evaluating the same architecture again skips compilation."""
-    path = c.get("compilation_cache_dir", "") if hasattr(c, "get") else ""
-    if path:
-        jax.config.update("jax_compilation_cache_dir", os.path.expanduser(path))
-        jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
 
 
 if __name__ == "__main__":

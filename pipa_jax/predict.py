@@ -184,7 +184,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             if c is None:
                 c = config_lib.base_config()
                 c.data.target = "cityscapes"   # only its test size (data.target_size) is used
-        evaluate_lib.enable_compilation_cache(c)
+        config_lib.enable_compilation_cache(c)
         t0 = time.time()
         written = predict_images(loaded, c, paths, fv.out, mode=fv.mode, resize=fv.resize, alpha=fv.alpha)
     except (OSError, ValueError) as e:

@@ -168,9 +168,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     c = config
     workdir = os.path.abspath(workdir)
     config_lib.validate(c, jax.device_count())
-    if c.compilation_cache_dir:
-        jax.config.update("jax_compilation_cache_dir", os.path.expanduser(c.compilation_cache_dir))
-        jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
+    config_lib.enable_compilation_cache(c)
     os.makedirs(workdir, exist_ok=True)
     _check_workdir_config(c, workdir)
     mesh = make_mesh(c)

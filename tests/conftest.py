@@ -1,16 +1,38 @@
-"""Test setup: 8 fake CPU devices, set before JAX initialises its backends."""
+"""Test setup: 8 fake CPU devices and one XLA compilation cache for the whole session, set
+before JAX initialises its backends."""
+import atexit
 import os
+import shutil
+import tempfile
 
 os.environ["XLA_FLAGS"] = (
     os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
 ).strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
+# One persistent compilation cache for the session, holding every program (min compile time 0):
+# the environment reaches the pytest-xdist workers and every CLI subprocess the tests start, so a
+# program compiled once (a train step, an eval step, the ~130 small programs of building a model
+# eagerly, 0.1-0.6 s each here) is loaded everywhere else. The process that makes it removes it.
+if "PIPA_JAX_TEST_XLA_CACHE" not in os.environ:
+    os.environ["PIPA_JAX_TEST_XLA_CACHE"] = tempfile.mkdtemp(prefix="pipa_jax_tests_xla_")
+    atexit.register(shutil.rmtree, os.environ["PIPA_JAX_TEST_XLA_CACHE"], ignore_errors=True)
+XLA_CACHE = os.environ["PIPA_JAX_TEST_XLA_CACHE"]
+os.environ["JAX_COMPILATION_CACHE_DIR"] = XLA_CACHE
+os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
+
 import jax  # noqa: E402  (must come after the environment is set)
+import pytest  # noqa: E402
 
 # No matmul-precision override: XLA:CPU computes float32 products in float32, and an override
 # would change the compiled programs' cache keys, so in-process tests could not reuse the train
 # step that the CLI tests compiled into the shared compilation cache.
+
+
+@pytest.fixture(scope="session")
+def xla_cache_dir():
+    """The session's compilation cache (see above), for configs' compilation_cache_dir."""
+    return XLA_CACHE
 
 
 def pytest_report_header(config):

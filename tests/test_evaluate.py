@@ -236,7 +236,7 @@ def run_dir(tmp_path_factory):
     c.data.num_train = 8
     c.data.num_val = 5
     c.report.grid_images = 0
-    c.compilation_cache_dir = str(tmp_path_factory.mktemp("xla_cache"))
+    c.compilation_cache_dir = os.environ["JAX_COMPILATION_CACHE_DIR"]   # the session's (conftest.py)
     workdir = str(tmp_path_factory.mktemp("run"))
     train.train_and_evaluate(c, workdir)
     return workdir

@@ -42,7 +42,7 @@ def test_prepare_train_evaluate_predict(layouts, tmp_path, config, source, metho
     cfg = os.path.join(ROOT, "configs", config) + f":method={method},smoke"
     roots = [f"--config.data.source_root={layouts[source]}",
              f"--config.data.target_root={layouts['cityscapes']}",
-             f"--config.compilation_cache_dir={tmp_path / 'xla'}"]
+             f"--config.compilation_cache_dir={os.environ['JAX_COMPILATION_CACHE_DIR']}"]
     workdir = tmp_path / "run"
     out = run("pipa_jax.main", "--config", cfg, "--workdir", str(workdir), *roots)
     assert "done: step 4" in out.stdout
