@@ -226,7 +226,7 @@ def test_miou16_and_miou13_subsets_and_tables():
 # ----------------------------------------------------------------------------- CLI
 
 @pytest.fixture(scope="module")
-def run_dir(tmp_path_factory):
+def run_dir(tmp_path_factory, xla_cache_dir):
     """A tiny source-only training run (2 steps) with its in-training evaluation."""
     c = load_config("synthetic.py", "method=source_only,tiny")
     c.update({"total_steps": 2, "checkpoint_every": 2, "log_every": 1})
@@ -236,7 +236,7 @@ def run_dir(tmp_path_factory):
     c.data.num_train = 8
     c.data.num_val = 5
     c.report.grid_images = 0
-    c.compilation_cache_dir = os.environ["JAX_COMPILATION_CACHE_DIR"]   # the session's (conftest.py)
+    c.compilation_cache_dir = xla_cache_dir   # the session's (conftest.py)
     workdir = str(tmp_path_factory.mktemp("run"))
     train.train_and_evaluate(c, workdir)
     return workdir

@@ -38,11 +38,11 @@ def layouts(tmp_path_factory):
 
 @pytest.mark.parametrize("config,source,method", [("gta2cs.py", "gta", "pipa"),
                                                    ("synthia2cs.py", "synthia", "daformer")])
-def test_prepare_train_evaluate_predict(layouts, tmp_path, config, source, method):
+def test_prepare_train_evaluate_predict(layouts, tmp_path, xla_cache_dir, config, source, method):
     cfg = os.path.join(ROOT, "configs", config) + f":method={method},smoke"
     roots = [f"--config.data.source_root={layouts[source]}",
              f"--config.data.target_root={layouts['cityscapes']}",
-             f"--config.compilation_cache_dir={os.environ['JAX_COMPILATION_CACHE_DIR']}"]
+             f"--config.compilation_cache_dir={xla_cache_dir}"]
     workdir = tmp_path / "run"
     out = run("pipa_jax.main", "--config", cfg, "--workdir", str(workdir), *roots)
     assert "done: step 4" in out.stdout

@@ -35,21 +35,16 @@ def load_config(arg="method=pipa,tiny"):
     return module.get_config(arg)
 
 
-@pytest.fixture(scope="module")
-def cache_dir(xla_cache_dir):
-    return xla_cache_dir   # the session's cache (conftest.py), shared with test_train_step.py
-
-
-def tiny_config(cache_dir, arg="method=pipa,tiny"):
+def tiny_config(xla_cache_dir, arg="method=pipa,tiny"):
     c = load_config(arg)
     c.update(OVERRIDES)
-    c.compilation_cache_dir = cache_dir
+    c.compilation_cache_dir = xla_cache_dir
     return c
 
 
-def cli(workdir, cache_dir, *extra):
+def cli(workdir, xla_cache_dir, *extra):
     return [sys.executable, "-m", "pipa_jax.main", "--config", f"{CONFIG}:method=pipa,tiny",
-            "--workdir", str(workdir), f"--config.compilation_cache_dir={cache_dir}",
+            "--workdir", str(workdir), f"--config.compilation_cache_dir={xla_cache_dir}",
             *[f"--config.{k}={v}" for k, v in OVERRIDES.items()], *extra]
 
 
@@ -67,10 +62,10 @@ def assert_trees_identical(a, b):
 
 
 @pytest.fixture(scope="module")
-def reference_run(tmp_path_factory, cache_dir):
+def reference_run(tmp_path_factory, xla_cache_dir):
     """One uninterrupted run through the README's entry point."""
     workdir = tmp_path_factory.mktemp("reference")
-    proc = subprocess.run(cli(workdir, cache_dir), capture_output=True, text=True, timeout=900, cwd=ROOT)
+    proc = subprocess.run(cli(workdir, xla_cache_dir), capture_output=True, text=True, timeout=900, cwd=ROOT)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return str(workdir), proc
 
@@ -111,10 +106,10 @@ def test_cli_trains_evaluates_and_checkpoints(reference_run):
     assert again.returncode == 0 and "done: step 8" in again.stdout
 
 
-def test_sigkill_then_resume_is_bit_identical(reference_run, cache_dir, tmp_path):
+def test_sigkill_then_resume_is_bit_identical(reference_run, xla_cache_dir, tmp_path):
     ref_dir, _ = reference_run
     workdir = tmp_path / "killed"
-    proc = subprocess.Popen(cli(workdir, cache_dir), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=ROOT)
+    proc = subprocess.Popen(cli(workdir, xla_cache_dir), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=ROOT)
     ckpts = workdir / "checkpoints"
     deadline = time.time() + 600
     while time.time() < deadline and not (ckpts / "4").exists():
@@ -124,13 +119,13 @@ def test_sigkill_then_resume_is_bit_identical(reference_run, cache_dir, tmp_path
     proc.send_signal(signal.SIGKILL)
     proc.wait(timeout=60)
     assert not (ckpts / "8").exists()
-    resumed = subprocess.run(cli(workdir, cache_dir), capture_output=True, text=True, timeout=900, cwd=ROOT)
+    resumed = subprocess.run(cli(workdir, xla_cache_dir), capture_output=True, text=True, timeout=900, cwd=ROOT)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "resumed from step" in resumed.stderr
     assert_trees_identical(final_state(ref_dir), final_state(str(workdir)))
 
 
-def test_sigterm_saves_and_resume_matches(reference_run, cache_dir, tmp_path, monkeypatch):
+def test_sigterm_saves_and_resume_matches(reference_run, xla_cache_dir, tmp_path, monkeypatch):
     """Preemption: SIGTERM during step 5 -> checkpoint at 5, clean return; resuming ends with
     the uninterrupted run's parameters (in-process, 8 devices)."""
     ref_dir, _ = reference_run
@@ -150,7 +145,7 @@ def test_sigterm_saves_and_resume_matches(reference_run, cache_dir, tmp_path, mo
             return self.it.get_state()
 
     monkeypatch.setattr(pipeline, "train_iterator", lambda c, start=0: Interrupting(original(c, start)))
-    c = tiny_config(cache_dir)
+    c = tiny_config(xla_cache_dir)
     out = train.train_and_evaluate(c, str(tmp_path))
     assert out["step"] == 5
     assert (tmp_path / "checkpoints" / "5").exists()
@@ -160,9 +155,9 @@ def test_sigterm_saves_and_resume_matches(reference_run, cache_dir, tmp_path, mo
     assert_trees_identical(final_state(ref_dir), final_state(str(tmp_path)))
 
 
-def test_workdir_of_another_model_is_refused(reference_run, cache_dir):
+def test_workdir_of_another_model_is_refused(reference_run, xla_cache_dir):
     ref_dir, _ = reference_run
-    c = tiny_config(cache_dir)
+    c = tiny_config(xla_cache_dir)
     c.model.embed_dim = 32
     with pytest.raises(train.WorkdirMismatchError, match="model"):
         train.train_and_evaluate(c, ref_dir)

@@ -14,11 +14,11 @@ from pipa_jax import step as step_lib
 from pipa_jax import train
 from pipa_jax.data import pipeline
 from pipa_jax.optim import learning_rate_schedule
-from test_train import cache_dir, load_config, tiny_config  # noqa: F401  (cache_dir is a fixture)
+from test_train import load_config, tiny_config
 
 
-def test_one_device_equals_eight_and_no_retrace(cache_dir):
-    c = tiny_config(cache_dir)
+def test_one_device_equals_eight_and_no_retrace(xla_cache_dir):
+    c = tiny_config(xla_cache_dir)
     batches = [next(pipeline.train_iterator(c, i)) for i in range(3)]
     results = {}
     for n in (1, 8):
@@ -54,11 +54,11 @@ def test_one_device_equals_eight_and_no_retrace(cache_dir):
     assert np.median(rel) < 1e-5, np.median(rel)
 
 
-def test_patch_gate_mask_equals_cond(cache_dir):
+def test_patch_gate_mask_equals_cond(xla_cache_dir):
     """The patch term switched on at start_step by lax.cond (GPU/TPU) or by masking (CPU's
     default, where a conditional's branch runs far slower): the same losses, bank and updates,
     with the term and the bank idle before the start step."""
-    c = tiny_config(cache_dir)
+    c = tiny_config(xla_cache_dir)
     c.mesh_shape = 1
     c.pipa.patch.start_step = 1
     batches = [next(pipeline.train_iterator(c, i)) for i in range(2)]
@@ -88,13 +88,13 @@ def test_patch_gate_mask_equals_cond(cache_dir):
     np.testing.assert_array_equal(s_mask[1].bank["labels"], s_cond[1].bank["labels"])
 
 
-def test_nonfinite_loss_stops_and_names_the_term(cache_dir, tmp_path, monkeypatch):
+def test_nonfinite_loss_stops_and_names_the_term(xla_cache_dir, tmp_path, monkeypatch):
     import jax.numpy as jnp
 
     from pipa_jax import losses
     real = losses.cross_entropy
     monkeypatch.setattr(losses, "cross_entropy", lambda *a, **k: real(*a, **k) * jnp.nan)
-    c = tiny_config(cache_dir, "method=source_only,tiny")
+    c = tiny_config(xla_cache_dir, "method=source_only,tiny")
     with pytest.raises(FloatingPointError, match=r"non-finite source_ce.*steps 1 and 2"):
         train.train_and_evaluate(c, str(tmp_path))
     # Nothing non-finite was ever checkpointed.

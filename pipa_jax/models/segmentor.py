@@ -27,8 +27,8 @@ def default_model_config() -> ml_collections.ConfigDict:
     # 1x1 and kernel=stride (attention spatial reduction) convs: 'auto' (matmul on CPU, native
     # elsewhere), 'matmul', 'native'. Same parameters and results either way (layers.Conv2d).
     c.conv_impl = "auto"
-    # Encoder attention: 'auto' (chunked on CPU, dense elsewhere), 'chunked' (cache-sized query
-    # chunks, hand-written VJP, memory linear in tokens), 'dense'. Same results (layers.attention).
+    # Encoder attention: 'auto' (chunked on CPU, dense elsewhere), 'chunked' (heads folded into the
+    # batch, query chunks, hand-written VJP, memory linear in tokens), 'dense'. Same results (layers.attention).
     c.attention_impl = "auto"
     # lax.scan over the blocks of each deep encoder stage: True, False or 'auto' (unrolled on CPU,
     # where the scan costs run time; scanned on GPU/TPU for compile time). Same parameters.
