@@ -1,9 +1,9 @@
 """The CPU fast forms compute exactly what the native lax convolutions and the dense attention
 compute, values and gradients: the depthwise shift conv with its hand-written VJP (and its
 row-blocked tap gradient), 1x1 convs and the attention's kernel = stride spatial reduction as
-matmuls, the per-tap filter gradient of stride-1 k x k convs, the chunked attention with its
-hand-written VJP, the erf GELU, and the remat option; then the whole Segmentor with every fast
-form against every native form (jit, scanned stages, sharded batch)."""
+matmuls, linear layers as one 2-D dot, the per-tap filter gradient of stride-1 k x k convs, the
+chunked attention with its hand-written VJP, the erf GELU, and the remat option; then the whole
+Segmentor with every fast form against every native form (jit, scanned stages, sharded batch)."""
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -113,6 +113,26 @@ def test_conv_matmul_forms_match_native(kernel_size, stride, size, use_bias):
     np.testing.assert_allclose(y, y_n, **F32)
     np.testing.assert_allclose(gx, gx_n, **F32)
     assert_trees_close(gp, gp_n, atol=1e-4)
+
+
+@pytest.mark.parametrize("shape,dtype", [
+    ((2, 5, 7, 6), jnp.float32),
+    ((3, 4, 6), jnp.float32),
+    ((2, 5, 7, 6), jnp.bfloat16),
+    ((4, 6), jnp.float32),   # 2-D input: nnx.Linear's own product
+])
+def test_linear_flattened_product_matches_nnx_linear(shape, dtype):
+    """layers.Linear (one 2-D dot over the flattened leading axes) computes what nnx.Linear
+    computes: values and gradients, with the same parameters and dtype promotion."""
+    x = normal(0, shape)
+    fast = layers.Linear(6, 5, dtype=dtype, rngs=nnx.Rngs(1))
+    ref = nnx.Linear(6, 5, dtype=dtype, rngs=nnx.Rngs(1))
+    fast.bias[...] = ref.bias[...] = normal(2, (5,))
+    (y, grads), (y_ref, grads_ref) = module_vjp(fast, x, seed=3), module_vjp(ref, x, seed=3)
+    assert y.dtype == y_ref.dtype == dtype and y.shape == shape[:-1] + (5,)
+    tol = F32 if dtype == jnp.float32 else dict(rtol=2e-2, atol=2e-2)
+    np.testing.assert_allclose(np.asarray(y, np.float32), np.asarray(y_ref, np.float32), **tol)
+    assert_trees_close(grads, grads_ref, **tol)
 
 
 def test_classifier_conv_same_padding_and_non_matmul_convs():
