@@ -47,10 +47,10 @@ from flax import nnx
 from transformers import SegformerConfig, SegformerForSemanticSegmentation, SegformerModel
 
 import flax
-from pipa_jax.models import MixVisionTransformer, build_segmentor, default_model_config
+from pipa_jax.models import ComputeForms, MixVisionTransformer, build_segmentor, default_model_config
 from pipa_jax.models.mit import MIT_VARIANTS
 
-# The PyTorch DAFormer head: the test suite's reference, written from METHOD.md §2.2 (mmseg has
+# The PyTorch DAFormer head: the test suite's reference, written from docs/method.md §2.2 (mmseg has
 # no installable DAFormer head); tests/test_head_parity.py proves it equal to ours to 1e-4.
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), os.pardir, "tests"))
 from test_head_parity import TDAFormerHead  # noqa: E402
@@ -124,8 +124,8 @@ def build_jax_model(variant, kind, dwconv="shift", scan="auto", abstract=False):
     """kind: 'daformer' | 'segformer' (Segmentor with that head) | 'encoder' (MiT alone)."""
     def make():
         if kind == "encoder":
-            return MixVisionTransformer(variant, drop_path_rate=0.1, dwconv_impl=dwconv, scan_blocks=scan,
-                                        rngs=nnx.Rngs(params=0))
+            return MixVisionTransformer(variant, drop_path_rate=0.1, rngs=nnx.Rngs(params=0),
+                                        forms=ComputeForms(dwconv=dwconv, scan_blocks=scan))
         return build_segmentor(seg_config(variant, kind, dwconv, scan))
     return nnx.eval_shape(make) if abstract else make()
 

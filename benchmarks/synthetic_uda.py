@@ -24,6 +24,8 @@ import sys
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+from pipa_jax import io as io_lib  # noqa: E402  (the atomic writer)
 METHODS = ("source_only", "oracle", "dacs", "daformer", "pixel_only", "patch_only", "pipa")
 
 
@@ -49,9 +51,7 @@ def run_one(method: str, seed: int, workdir: str, extra: list[str], baseline: st
     rec = {"method": method, "seed": seed, "wall_s": wall, "command": " ".join(cmd[1:]),
            "miou": last["student"]["miou"], "per_class_iou": last["student"]["per_class_iou"],
            "teacher_miou": last.get("teacher", {}).get("miou")}
-    with open(result_file + ".tmp", "w") as f:
-        json.dump(rec, f, indent=1)
-    os.replace(result_file + ".tmp", result_file)
+    io_lib.write_json_atomic(result_file, rec, indent=1, sort_keys=False)
     return rec
 
 
@@ -153,10 +153,9 @@ def main():
             "jobs": args.jobs}
     summary = summarize(runs)
     os.makedirs(os.path.dirname(args.out), exist_ok=True)
-    with open(args.out + ".json", "w") as f:
-        json.dump({"meta": meta, "summary": summary, "runs": runs}, f, indent=1)
-    with open(args.out + ".md", "w") as f:
-        f.write(markdown(summary, meta))
+    io_lib.write_json_atomic(args.out + ".json", {"meta": meta, "summary": summary, "runs": runs}, indent=1,
+                             sort_keys=False)
+    io_lib.write_text_atomic(args.out + ".md", markdown(summary, meta))
     print(markdown(summary, meta))
 
 

@@ -31,6 +31,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from pipa_jax import config as config_lib
+from pipa_jax import io as io_lib
 from pipa_jax import losses, step as step_lib, train
 
 LADDER = ("source_only", "dacs", "daformer", "pixel_only", "pipa")
@@ -119,10 +120,7 @@ def contrastive_memory(dim=128):
 
 
 def _write(path, obj):
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    with open(path + ".tmp", "w") as f:
-        json.dump(obj, f, indent=2)
-    os.replace(path + ".tmp", path)
+    io_lib.write_json_atomic(path, obj, sort_keys=False)
 
 
 def machine():

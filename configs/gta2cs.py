@@ -18,7 +18,7 @@ Variants (comma-separated after the colon, e.g. configs/gta2cs.py:method=daforme
                       thresholds for toy datasets: for CI on fake dataset layouts, not for results
                       (add --config.data.source_root=... --config.data.target_root=...)
 
-Resolution (METHOD.md §8). DAFormer: GTA resized to 1280x720 (keep ratio: 1914x1052 -> 1280x704),
+Resolution (docs/method.md §8). DAFormer: GTA resized to 1280x720 (keep ratio: 1914x1052 -> 1280x704),
 Cityscapes to 1024x512, 512x512 crops, whole-image test at 1024x512. PiPa's released DAFormer
 config instead resizes Cityscapes to 1280x640, trains on 640x640 crops and tests whole images at
 1280x640; its published 71.7 mIoU and released weights come from that setting, so `pipa` uses it
@@ -30,11 +30,11 @@ Every setting that differs from the official code, and why:
 - model.dtype = 'bfloat16' (compute; parameters, optimizer state, softmax, losses and EMA stay
   float32): the official runs compute in float32 on one GPU; bfloat16 halves activation memory
   and is the native TPU/modern-GPU format. Set --config.model.dtype=float32 for exact parity.
-- Patch contrast follows the paper's intent (METHOD.md §5): overlapping crops of the mixed image
+- Patch contrast follows the paper's intent (docs/method.md §5): overlapping crops of the mixed image
   through the STUDENT, with gradients. The official code runs the detached EMA teacher on two
   720x720 crops of a separately loaded (always the same) Cityscapes image, so its loss trains
   nothing used at test time.
-- Pixel contrast (METHOD.md §4): hard/easy anchors from the student's own predictions and label
+- Pixel contrast (docs/method.md §4): hard/easy anchors from the student's own predictions and label
   255 excluded (pipa.pixel.include_ignore_class=False); the official code splits hard/easy with
   an untrained classifier and treats 255 as a class.
 - Resume continues the run exactly (step counter, EMA teacher, patch warm-up, data order); the
@@ -57,20 +57,12 @@ RESOLUTIONS = {
 }
 
 
-def parse_options(arg: str) -> dict:
-    opts = dict(kv.split("=", 1) if "=" in kv else (kv, "1") for kv in arg.split(",") if kv)
-    unknown = sorted(set(opts) - {"method", "res", "smoke"})
-    if unknown:
-        raise ValueError(f"unknown config options {unknown}; expected method=..., res=512|640, smoke")
-    return opts
-
-
 def build(source: str, source_size: tuple, arg: str, default_res_pipa: int, rcs_temperature_daformer: float):
     """The recipe for `source` ('gta' or 'synthia') -> Cityscapes; `arg` holds the variants."""
-    opts = parse_options(arg)
-    method = opts.get("method", "pipa")
+    opts = config_lib.parse_options(arg, method="pipa", res=0, smoke=False)
+    method = opts.method
     pipa_like = method in ("pipa", "pixel_only", "patch_only")
-    res = int(opts.get("res", default_res_pipa if pipa_like else 512))
+    res = opts.res or (default_res_pipa if pipa_like else 512)
     if res not in RESOLUTIONS:
         raise ValueError(f"res={res}: expected one of {sorted(RESOLUTIONS)}")
     target_size, crop, patch_crop = RESOLUTIONS[res]
@@ -100,7 +92,7 @@ def build(source: str, source_size: tuple, arg: str, default_res_pipa: int, rcs_
     c.data.source_cat_max_ratio = 0.75        # source crops: no class covering >= 75 %
     c.data.flip = True
     c.data.rcs.enabled = method != "source_only"
-    # RCS temperature: PiPa's released DAFormer configs use 0.1, DAFormer / HRDA 0.01 (METHOD.md §8).
+    # RCS temperature: PiPa's released DAFormer configs use 0.1, DAFormer / HRDA 0.01 (docs/method.md §8).
     c.data.rcs.temperature = 0.1 if pipa_like else rcs_temperature_daformer
     c.data.rcs.min_pixels = 3000
     c.data.rcs.min_crop_ratio = 0.5
@@ -130,7 +122,7 @@ def build(source: str, source_size: tuple, arg: str, default_res_pipa: int, rcs_
     c.pipa.patch.crop_size = patch_crop
     config_lib.apply_method(c, method)
 
-    if opts.get("smoke"):
+    if opts.smoke:
         # CI on fake layouts (tiny images, a handful of frames): everything small and fast; the
         # numbers mean nothing. RCS thresholds shrink so toy label maps still qualify.
         c.model.backbone = "mit_b0"

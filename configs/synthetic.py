@@ -9,7 +9,7 @@ from pipa_jax import config as config_lib
 
 
 def get_config(arg: str = ""):
-    opts = dict(kv.split("=", 1) if "=" in kv else (kv, "1") for kv in arg.split(",") if kv)
+    opts = config_lib.parse_options(arg, method="pipa", tiny=False)
     c = config_lib.base_config()
     c.model.backbone = "mit_b0"
     c.model.embed_dim = 64
@@ -54,8 +54,8 @@ def get_config(arg: str = ""):
     c.pipa.patch.crop_size = (64, 64)
     c.pipa.patch.start_step = 300
     c.pipa.patch.bank_cells = 256
-    config_lib.apply_method(c, opts.pop("method", "pipa"))
-    if opts.pop("tiny", None):
+    config_lib.apply_method(c, opts.method)
+    if opts.tiny:
         c.data.image_size = (64, 64)
         c.data.crop_size = (64, 64)
         c.pipa.patch.crop_size = (32, 32)
@@ -72,6 +72,4 @@ def get_config(arg: str = ""):
         c.log_every = 2
         c.eval_every = 0
         c.checkpoint_every = 2
-    if opts:
-        raise ValueError(f"unknown config options {sorted(opts)}; expected method=..., tiny")
     return c

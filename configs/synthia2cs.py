@@ -8,13 +8,13 @@ Prepare the roots once: python -m pipa_jax.tools.prepare_data synthia /data/synt
 
 Variants as configs/gta2cs.py (method=pipa|daformer|source_only|..., res=512|640, smoke), whose
 docstring lists every difference from the official code and why; the recipe is built there. What
-is specific to SYNTHIA (METHOD.md §8):
+is specific to SYNTHIA (docs/method.md §8):
 - SYNTHIA-RAND-CITYSCAPES images (1280x760) are resized into a 1280x760 box, i.e. kept as they are.
 - Results are reported as mIoU over 16 classes (no terrain, truck, train) and 13 classes (also
   no wall, fence, pole); the 19-class mIoU is written too (eval.miou_subsets = (19, 16, 13)).
   The IoUs come from the full 19-class confusion matrix; only the averages are restricted, as in
   the official evaluation (the model still predicts all 19 classes).
-- Resolution: METHOD.md records PiPa's released 1280x640 / 640-crop setting for GTA5 only, so
+- Resolution: docs/method.md records PiPa's released 1280x640 / 640-crop setting for GTA5 only, so
   every method defaults to DAFormer's SYNTHIA setting here (Cityscapes 1024x512, 512 crops, test
   1024x512 whole). If released SYNTHIA weights were trained at 640, evaluate them with res=640.
 """

@@ -1,7 +1,8 @@
 """The configuration schema: every field pipa_jax reads, with its default and meaning.
 
 Config files in configs/ start from `base_config()` and override; the library reads
-hyperparameters only from the config. Defaults are the DAFormer + PiPa recipe (METHOD.md §3-5).
+hyperparameters only from the config. Defaults are the DAFormer + PiPa recipe (docs/method.md §3-5).
+Config files parse their variants (`configs/x.py:method=pipa,tiny`) with `parse_options`.
 """
 from __future__ import annotations
 
@@ -28,6 +29,10 @@ def base_config() -> ml_collections.ConfigDict:
     # XLA's persistent compilation cache: a resumed or repeated run skips recompiling the step
     # (minutes for MiT-b5). '' disables it.
     c.compilation_cache_dir = "~/.cache/pipa_jax/xla"
+    # 'auto' | 'cond' | 'mask': how a loss term with a start step (the patch contrast) is switched on
+    # (pipa_jax.terms.resolve_gate); 'auto' = mask on CPU, where XLA runs a conditional's branch far
+    # slower, cond elsewhere. Both give the same updates.
+    c.term_gate = "auto"
 
     c.model = default_model_config()
     # ImageNet-pretrained encoder to start from: a model directory written by
@@ -38,7 +43,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.data = ml_collections.ConfigDict()
     c.data.source = "synthetic_source"   # 'synthetic_source', 'gta' or 'synthia'
     c.data.target = "synthetic_target"   # 'synthetic_target' or 'cityscapes'
-    # Real datasets (METHOD.md §8-9; prepare each root once: python -m pipa_jax.tools.prepare_data).
+    # Real datasets (docs/method.md §8-9; prepare each root once: python -m pipa_jax.tools.prepare_data).
     c.data.format = "files"              # 'files': the official layouts under the roots below;
                                          # 'tfds': array_record datasets built by pipa_jax.data.tfds_builders
     c.data.source_root = ""              # GTA5 root (images/, labels/) or SYNTHIA root (RGB/, GT/LABELS/)
@@ -65,7 +70,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.data.eval_batch_size = 4           # global
     c.data.prefetch = 2                  # batches prepared ahead by host threads
 
-    # Evaluation on the target val split and prediction (pipa_jax.inference, METHOD.md §6, §8).
+    # Evaluation on the target val split and prediction (pipa_jax.inference, docs/method.md §6, §8).
     # The val source delivers images at the test size (data.target_size; pipa_jax.predict resizes
     # any image into the same box) and labels at FULL resolution; logits are computed at the test
     # size, bilinearly upsampled to the label size before the argmax, and one confusion matrix is
@@ -126,9 +131,6 @@ def base_config() -> ml_collections.ConfigDict:
     c.pipa.patch.bank_cells = 1600       # cells pushed per crop per step
     c.pipa.patch.flip = True             # independent flips of the two crops
     c.pipa.patch.chunk_size = 256
-    # 'auto' | 'cond' | 'mask': how the term starts at start_step (pipa_jax.step.resolve_patch_gate);
-    # 'auto' = mask on CPU, where XLA runs a conditional's branch far slower, cond elsewhere.
-    c.pipa.patch.gate = "auto"
 
     # What a finished run leaves for a person: iou_table.md and predictions.png (pipa_jax.report).
     c.report = ml_collections.ConfigDict()
@@ -151,6 +153,40 @@ def apply_method(c: ml_collections.ConfigDict, method: str) -> ml_collections.Co
     c.model.pixel_head = c.pipa.pixel.enabled
     c.model.patch_head = c.pipa.patch.enabled
     return c
+
+
+def parse_options(arg: str, **spec):
+    """The variants of a config file: `arg` = 'name=value,flag,...' (the part after ':' in
+    --config=configs/x.py:...) parsed against `spec` (name -> default; the default's type converts
+    the value: bool flags are True when named, ints and floats are parsed). Returns a ConfigDict
+    of every option, defaults filled in; an unknown option or a bad value is a ValueError that
+    lists what the file accepts."""
+    opts = ml_collections.ConfigDict(dict(spec))
+    accepted = ", ".join(f"{k}=<{type(v).__name__}>" if not isinstance(v, bool) else k for k, v in spec.items())
+    for item in (p.strip() for p in (arg or "").split(",")):
+        if not item:
+            continue
+        name, has_value, value = item.partition("=")
+        if name not in spec:
+            raise ValueError(f"unknown config option {name!r} in {arg!r}; this config accepts {accepted}")
+        default = spec[name]
+        try:
+            if isinstance(default, bool):
+                parsed = (value.lower() in ("1", "true", "yes")) if has_value else True
+                if has_value and value.lower() not in ("0", "1", "true", "false", "yes", "no"):
+                    raise ValueError(value)
+            elif isinstance(default, int):
+                parsed = int(value)
+            elif isinstance(default, float):
+                parsed = float(value)
+            else:
+                parsed = value
+        except ValueError:
+            raise ValueError(f"config option {item!r}: expected a {type(default).__name__} value") from None
+        if not isinstance(default, bool) and not has_value:
+            raise ValueError(f"config option {name!r} needs a value ({name}=...); this config accepts {accepted}")
+        opts[name] = parsed
+    return opts
 
 
 def validate(c: ml_collections.ConfigDict, num_devices: int) -> None:
@@ -181,8 +217,8 @@ def validate(c: ml_collections.ConfigDict, num_devices: int) -> None:
         if not c.uda.self_training:
             # The patch term contrasts crops of the mixed image, which only self-training makes.
             err("pipa.patch.enabled", True, "False when uda.self_training is False (it needs the mixed image)")
-    if c.pipa.patch.gate not in ("auto", "cond", "mask"):
-        err("pipa.patch.gate", c.pipa.patch.gate, "'auto', 'cond' or 'mask'")
+    if c.term_gate not in ("auto", "cond", "mask"):
+        err("term_gate", c.term_gate, "'auto', 'cond' or 'mask'")
     if c.pipa.pixel.enabled and not c.model.pixel_head:
         err("model.pixel_head", False, "True when pipa.pixel.enabled")
     if c.model.require_pretrained and not c.model.pretrained:

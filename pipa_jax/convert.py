@@ -34,7 +34,7 @@ from flax import nnx
 def _renames():
     from pipa_jax.models import heads, segmentor
     return {
-        segmentor.Segmentor: {"pixel_head": "proj_head", "patch_head": "/"},
+        segmentor.EncoderDecoder: {"pixel_head": "proj_head", "patch_head": "/"},
         heads.PixelProjectionHead: {"conv1": "proj.0", "bn": "proj.1.0", "conv2": "proj.2"},
         heads.PatchProjectionHead: {"conv1": "project.0", "conv2": "project.2"},
     }

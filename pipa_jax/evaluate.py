@@ -1,4 +1,4 @@
-r"""Evaluates a model on the target validation split as the papers do (METHOD.md §8).
+r"""Evaluates a model on the target validation split as the papers do (docs/method.md §8).
 
   python -m pipa_jax.evaluate --workdir runs/gta2cs [--which teacher] [--config configs/gta2cs.py]
   python -m pipa_jax.evaluate --checkpoint ckpt/pipa_gta --config configs/gta2cs.py \
@@ -26,7 +26,6 @@ import json
 import math
 import os
 import sys
-import tempfile
 import time
 from typing import Any, Sequence
 
@@ -41,6 +40,7 @@ from jax.sharding import PartitionSpec as P
 from pipa_jax import config as config_lib
 from pipa_jax import inference
 from pipa_jax import io as io_lib
+from pipa_jax import mesh as mesh_lib
 from pipa_jax import metrics as metrics_lib
 from pipa_jax.labels import CLASS_NAMES, NUM_CLASSES
 
@@ -272,22 +272,6 @@ def load_model_and_config(workdir: str | None, checkpoint: str | None, config=No
 
 # ----------------------------------------------------------------------------- evaluation
 
-def _mesh_for(batch_size: int, mesh_shape: int = -1):
-    n = jax.device_count() if mesh_shape in (-1, None) else int(mesh_shape)
-    n = math.gcd(int(batch_size), n)
-    return jax.make_mesh((n,), ("data",), axis_types=(jax.sharding.AxisType.Auto,), devices=jax.devices()[:n])
-
-
-def subsets_of(c) -> dict[str, tuple[int, ...] | None]:
-    """{'mIoU': None[, 'mIoU16': ..., 'mIoU13': ...]} for the config's eval.miou_subsets."""
-    wanted = [int(n) for n in (c.eval.miou_subsets if "eval" in c else (19,))]
-    out = {"mIoU": None}
-    for n in (16, 13):
-        if n in wanted:
-            out[f"mIoU{n}"] = metrics_lib.CLASS_SUBSETS[n]
-    return out
-
-
 def evaluate_model(loaded: LoadedModel, c: ml_collections.ConfigDict, *, predictions_dir: str | None = None,
                    source=None) -> dict:
     """Scores `loaded` on `c.data.target`'s val split with `c.eval`; returns the result dict."""
@@ -299,7 +283,7 @@ def evaluate_model(loaded: LoadedModel, c: ml_collections.ConfigDict, *, predict
     if len(source) == 0:
         raise ValueError(f"the {c.data.target!r} val split is empty; check the data settings (data.target_root)")
     batch_size = int(c.data.eval_batch_size)
-    mesh = _mesh_for(batch_size, c.get("mesh_shape", -1))
+    mesh = mesh_lib.make_mesh(c.get("mesh_shape", -1), batch_size=batch_size)
     repl = NamedSharding(mesh, P())
     params, batch_stats = jax.device_put((loaded.params, loaded.batch_stats), repl)
     def write_predictions(names, preds):
@@ -314,7 +298,7 @@ def evaluate_model(loaded: LoadedModel, c: ml_collections.ConfigDict, *, predict
         inference.make_eval_step(loaded.graphdef), params, batch_stats, source, batch_size, settings,
         sharding=NamedSharding(mesh, P("data")), on_predictions=write_predictions if predictions_dir else None,
         num_threads=max(1, int(c.data.get("prefetch", 2))))
-    subsets = subsets_of(c)
+    subsets = metrics_lib.subsets_of(c)
     result = {
         "miou": metrics_lib.miou(conf),
         "per_class_iou": metrics_lib.per_class_iou(conf),
@@ -359,25 +343,12 @@ def _json_safe(x):
     return x
 
 
-def _write_text_atomic(path: str, text: str) -> None:
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix="." + os.path.basename(path), suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-
-
 def write_result(result: dict, out_dir: str, name: str) -> tuple[str, str]:
     """Writes <out_dir>/<name>.json and <out_dir>/<name>.txt atomically; returns both paths."""
     out_dir = os.path.abspath(out_dir)
     json_path, txt_path = os.path.join(out_dir, name + ".json"), os.path.join(out_dir, name + ".txt")
-    _write_text_atomic(json_path, json.dumps(_json_safe(result), indent=2) + "\n")
-    _write_text_atomic(txt_path, format_result(result) + "\n")
+    io_lib.write_text_atomic(json_path, json.dumps(_json_safe(result), indent=2) + "\n")
+    io_lib.write_text_atomic(txt_path, format_result(result) + "\n")
     return json_path, txt_path
 
 

@@ -1,6 +1,6 @@
 """Test-time inference as the papers evaluate: whole-image or sliding-window logits, upsampled
 to the full-resolution ground truth before the argmax, scored with one dataset-level confusion
-matrix (METHOD.md §6, §8).
+matrix (docs/method.md §6, §8).
 
 Used by the in-training evaluation (train.evaluate), `python -m pipa_jax.evaluate` and
 `python -m pipa_jax.predict`, so all three see the same numbers.
@@ -108,11 +108,6 @@ def count_map(image_hw: Sequence[int], crop_hw: Sequence[int], stride_hw: Sequen
 
 # ----------------------------------------------------------------------------- logits
 
-def normalize(images):
-    """uint8 (or float 0..255) RGB [B, H, W, 3] -> float32 normalised (ImageNet mean / std)."""
-    return (images.astype(jnp.float32) - jnp.asarray(L.IMAGE_MEAN)) / jnp.asarray(L.IMAGE_STD)
-
-
 def _logits_at(apply_fn: ApplyFn, x, size):
     return layers.resize_bilinear(apply_fn(x).astype(jnp.float32), size)
 
@@ -159,9 +154,10 @@ def full_resolution_logits(apply_fn: ApplyFn, x, out_hw, settings: InferenceSett
 
 
 def model_apply(graphdef, params, batch_stats) -> ApplyFn:
-    """The segmentor in evaluation mode (running BatchNorm statistics, no dropout)."""
+    """The segmentor's `infer_logits` in evaluation mode (running BatchNorm statistics, no
+    dropout): logits at the input size (HRDA: both scales, the detail branch sliding)."""
     model = nnx.merge(graphdef, params, batch_stats)
-    return lambda x: model(x, train=False)
+    return lambda x: model.infer_logits(x)
 
 
 # ----------------------------------------------------------------------------- jitted steps
@@ -173,7 +169,7 @@ def model_apply(graphdef, params, batch_stats) -> ApplyFn:
 @functools.partial(jax.jit, static_argnames=("graphdef", "settings", "return_predictions"))
 def _eval_step(graphdef, params, batch_stats, images, labels, *, settings, return_predictions):
     apply_fn = model_apply(graphdef, params, batch_stats)
-    logits = full_resolution_logits(apply_fn, normalize(images), labels.shape[1:3], settings)
+    logits = full_resolution_logits(apply_fn, L.normalize(images), labels.shape[1:3], settings)
     pred = jnp.argmax(logits, axis=-1)
     conf = metrics_lib.confusion_matrix(pred, labels, num_classes=L.NUM_CLASSES)
     if return_predictions:
@@ -198,7 +194,7 @@ def make_eval_step(graphdef):
 @functools.partial(jax.jit, static_argnames=("graphdef", "out_hw", "settings"))
 def _predict_step(graphdef, params, batch_stats, images, *, out_hw, settings):
     apply_fn = model_apply(graphdef, params, batch_stats)
-    logits = full_resolution_logits(apply_fn, normalize(images), tuple(out_hw), settings)
+    logits = full_resolution_logits(apply_fn, L.normalize(images), tuple(out_hw), settings)
     return jnp.argmax(logits, axis=-1).astype(jnp.uint8)
 
 

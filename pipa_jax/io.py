@@ -7,12 +7,14 @@ pipeline, with Pillow's bare "image file is truncated".
 SYNTHIA caveat: SYNTHIA-RAND-CITYSCAPES labels are 16-bit RGB PNGs with the class id in the
 first (R) channel. Pillow decodes 16-bit RGB PNGs to 8 bits per channel (keeping the high
 byte), which turns every class id into 0. Do not read them with `read_label`; they need
-OpenCV (`IMREAD_UNCHANGED`, BGR order) or pypng, in the SYNTHIA data source (METHOD.md §9).
+OpenCV (`IMREAD_UNCHANGED`, BGR order) or pypng, in the SYNTHIA data source (docs/method.md §9).
 Single-channel 16-bit PNGs (e.g. Cityscapes `*_instanceIds.png`) are fine: Pillow keeps them
 as mode "I;16" and `read_label` returns them as uint16.
 """
 from __future__ import annotations
 
+import contextlib
+import json
 import os
 import tempfile
 
@@ -98,29 +100,42 @@ def read_label(path) -> np.ndarray:
     return array
 
 
-def _write_atomic(path, image: Image.Image) -> None:
-    """Saves `image` as PNG to a temporary file beside `path`, then renames it over `path`.
-
-    A crash mid-write therefore never leaves a truncated PNG under the final name.
-    """
-    path = os.fspath(path)
-    directory = os.path.dirname(os.path.abspath(path))
+@contextlib.contextmanager
+def atomic_open(path, mode: str = "w"):
+    """A file opened beside `path` that replaces `path` when the block ends without error (flushed
+    and fsynced first); on any error it is removed and `path` keeps its old content. The one way
+    pipa_jax writes files (JSON, text, PNGs, arrays), so a crash never leaves a half-written one."""
+    path = os.path.abspath(os.fspath(path))
+    directory = os.path.dirname(path)
     os.makedirs(directory, exist_ok=True)
-    fd, tmp_path = tempfile.mkstemp(
-        dir=directory, prefix="." + os.path.basename(path) + ".", suffix=".tmp"
-    )
+    fd, tmp_path = tempfile.mkstemp(dir=directory, prefix="." + os.path.basename(path) + ".", suffix=".tmp")
     try:
-        with os.fdopen(fd, "wb") as f:
-            image.save(f, format="PNG")
+        with os.fdopen(fd, mode) as f:
+            yield f
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp_path, path)
     except BaseException:
-        try:
+        with contextlib.suppress(FileNotFoundError):
             os.remove(tmp_path)
-        except FileNotFoundError:
-            pass
         raise
+
+
+def write_text_atomic(path, text: str) -> None:
+    with atomic_open(path) as f:
+        f.write(text)
+
+
+def write_json_atomic(path, obj, *, indent: int | None = 2, sort_keys: bool = True, **kw) -> None:
+    """JSON of `obj` (numpy scalars as floats), written atomically."""
+    with atomic_open(path) as f:
+        json.dump(obj, f, indent=indent, sort_keys=sort_keys, default=kw.pop("default", float), **kw)
+
+
+def _write_atomic(path, image: Image.Image) -> None:
+    """Saves `image` as PNG atomically (a crash mid-write never leaves a truncated PNG)."""
+    with atomic_open(path, "wb") as f:
+        image.save(f, format="PNG")
 
 
 def write_label_png(path, array) -> None:

@@ -1,6 +1,7 @@
 """The one place for dataset facts: class names, label-id maps, palettes, class subsets and the
-image normalisation constants (METHOD.md §8-9). Everything else imports from here.
+image normalisation constants (docs/method.md §8-9). Everything else imports from here.
 """
+import jax.numpy as jnp
 import numpy as np
 
 IGNORE_INDEX = 255
@@ -34,7 +35,7 @@ SYNTHIA_ID_TO_TRAIN_ID = {
     8: 13, 18: 14, 19: 15, 20: 16, 12: 17, 11: 18,
 }
 
-# "Thing" classes for the ImageNet feature distance (METHOD.md §3.4).
+# "Thing" classes for the ImageNet feature distance (docs/method.md §3.4).
 THING_CLASSES = (6, 7, 11, 12, 13, 14, 15, 16, 17, 18)
 
 # SYNTHIA->Cityscapes reports mIoU over 16 and 13 classes.
@@ -44,6 +45,12 @@ SYNTHIA_13_CLASSES = tuple(c for c in SYNTHIA_16_CLASSES if c not in (3, 4, 5))
 # ImageNet normalisation on RGB 0..255 (mmseg img_norm_cfg).
 IMAGE_MEAN = np.array((123.675, 116.28, 103.53), dtype=np.float32)
 IMAGE_STD = np.array((58.395, 57.12, 57.375), dtype=np.float32)
+
+
+def normalize(images):
+    """uint8 (or float 0..255) RGB [..., 3] -> float32 normalised with IMAGE_MEAN / IMAGE_STD, on
+    device (the train step, the teacher and the evaluator all normalise here)."""
+    return (jnp.asarray(images).astype(jnp.float32) - jnp.asarray(IMAGE_MEAN)) / jnp.asarray(IMAGE_STD)
 
 
 def lookup_table(id_to_train_id: dict[int, int], size: int = 1 << 16) -> np.ndarray:

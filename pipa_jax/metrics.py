@@ -1,6 +1,6 @@
 """Semantic segmentation metrics: confusion matrix (JAX), IoU / mIoU and a printable table.
 
-Evaluation follows METHOD.md §8: one dataset-level confusion matrix summed over all images
+Evaluation follows docs/method.md §8: one dataset-level confusion matrix summed over all images
 (not a mean of per-image IoUs), IoU_c = TP / (TP + FP + FN), and mIoU = nanmean over the
 reported classes (all 19; SYNTHIA->Cityscapes also reports mIoU16 and mIoU13 over the subsets
 in `pipa_jax.labels`). A class absent from both the ground truth and the predictions has IoU
@@ -35,6 +35,24 @@ CLASS_SUBSETS: dict[int, tuple[int, ...] | None] = {
     16: SYNTHIA_16_CLASSES,
     13: SYNTHIA_13_CLASSES,
 }
+
+
+def miou_rows(subsets=(19,)) -> dict[str, tuple[int, ...] | None]:
+    """The one mapping from class-subset sizes (19, 16, 13) to named mIoU rows, in the order given:
+    {'mIoU': None, 'mIoU16': SYNTHIA_16_CLASSES, 'mIoU13': SYNTHIA_13_CLASSES} for (19, 16, 13).
+    Records use the lower-case names ('miou', 'miou16', 'miou13')."""
+    rows = {}
+    for n in subsets:
+        if int(n) not in CLASS_SUBSETS:
+            raise ValueError(f"mIoU subset {n!r}: expected one of {sorted(CLASS_SUBSETS)}")
+        rows["mIoU" if int(n) == 19 else f"mIoU{int(n)}"] = CLASS_SUBSETS[int(n)]
+    return rows
+
+
+def subsets_of(c) -> dict[str, tuple[int, ...] | None]:
+    """miou_rows of a run config's eval.miou_subsets ((19,) when the config has none)."""
+    ev = c.get("eval") if hasattr(c, "get") else None
+    return miou_rows(tuple(ev.get("miou_subsets", (19,))) if ev is not None else (19,))
 
 
 @functools.partial(

@@ -19,6 +19,7 @@ import orbax.checkpoint as ocp
 from flax import nnx
 
 from pipa_jax import config as config_lib
+from pipa_jax import io as io_lib
 from pipa_jax.models import Segmentor, build_segmentor, default_model_config
 
 
@@ -35,10 +36,10 @@ def save_model(directory: str, model: Segmentor, model_config: ml_collections.Co
     # Only the architecture: run settings kept in a training config's model group (such as
     # `pretrained`) describe how a run started, not the model in this directory.
     arch = set(default_model_config().keys())
-    _write_json(os.path.join(directory, "model_config.json"),
+    io_lib.write_json_atomic(os.path.join(directory, "model_config.json"),
                 {k: v for k, v in model_config.to_dict().items() if k in arch})
     if source is not None:
-        _write_json(os.path.join(directory, "source.json"), source)
+        io_lib.write_json_atomic(os.path.join(directory, "source.json"), source)
     return directory
 
 
@@ -76,12 +77,3 @@ def load_model(directory: str, **overrides) -> Segmentor:
         nnx.replace_by_pure_dict(state, restored[part])
         nnx.update(model, state)
     return model
-
-
-def _write_json(path: str, obj) -> None:
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=2, sort_keys=True)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)

@@ -1,4 +1,4 @@
-"""AdamW with DAFormer's parameter groups and the warmup x poly schedule (METHOD.md §3)."""
+"""AdamW with DAFormer's parameter groups and the warmup x poly schedule (docs/method.md §3)."""
 from __future__ import annotations
 
 import jax

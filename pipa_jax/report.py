@@ -28,8 +28,7 @@ GRID_PREDICTIONS_FILE = "grid_predictions.npz"
 def iou_table(confusions: dict[str, np.ndarray], title: str = "", miou_subsets=(19,)) -> str:
     """A markdown document with one per-class table per evaluated model (e.g. student, teacher),
     with mIoU rows over the class subsets (19, and 16 / 13 for SYNTHIA)."""
-    subsets = {("mIoU" if int(n) == 19 else f"mIoU{int(n)}"): metrics_lib.CLASS_SUBSETS.get(int(n))
-               for n in miou_subsets}
+    subsets = metrics_lib.miou_rows(miou_subsets)
     parts = [f"# {title}".rstrip()] if title else []
     for who, conf in confusions.items():
         parts += [f"## {who}", "", metrics_lib.format_iou_table(conf, subsets=subsets), ""]
@@ -115,8 +114,8 @@ def write_run_report(workdir: str, c, graphdef, params, batch_stats, confusions:
     """Writes the table, the grid and the grid's predictions into `workdir`; returns their paths."""
     paths = {"table": os.path.join(workdir, TABLE_FILE)}
     title = f"{c.data.target} validation ({len(source)} images), step {c.total_steps}"
-    subsets = tuple(c.eval.miou_subsets) if "eval" in c else (19,)
-    _write_text_atomic(paths["table"], iou_table(confusions, title, subsets))
+    sizes = tuple(c.eval.miou_subsets) if "eval" in c else (19,)
+    io_lib.write_text_atomic(paths["table"], iou_table(confusions, title, sizes) + "\n")
     n = min(int(c.report.grid_images), len(source))
     if n <= 0:
         return paths
@@ -131,16 +130,8 @@ def write_run_report(workdir: str, c, graphdef, params, batch_stats, confusions:
         images, gts, preds, baseline, int(c.report.tile_width),
         baseline_name=f"baseline: {os.path.basename(os.path.normpath(c.report.baseline_workdir))}"))
     if len({p.shape for p in preds}) == 1:
-        tmp = paths["grid_predictions"] + ".tmp.npz"
-        np.savez_compressed(tmp, predictions=np.stack(preds), labels=np.stack(gts))
-        os.replace(tmp, paths["grid_predictions"])
+        with io_lib.atomic_open(paths["grid_predictions"], "wb") as f:
+            np.savez_compressed(f, predictions=np.stack(preds), labels=np.stack(gts))
     else:
         paths.pop("grid_predictions")
     return paths
-
-
-def _write_text_atomic(path: str, text: str) -> None:
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        f.write(text + "\n")
-    os.replace(tmp, path)

@@ -22,14 +22,17 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from pipa_jax import config as config_lib
-from pipa_jax import convert, inference, metrics as metrics_lib, model_io, report
+from pipa_jax import convert, inference, model_io, report
+from pipa_jax import io as io_lib
+from pipa_jax import mesh as mesh_lib
+from pipa_jax import metrics as metrics_lib
+from pipa_jax import terms as terms_lib
 from pipa_jax.data import pipeline
 from pipa_jax.labels import CLASS_NAMES
 from pipa_jax.models import build_segmentor
 from pipa_jax.optim import make_optimizer
 from pipa_jax.state import create_train_state
-from pipa_jax.step import describe_nonfinite, make_train_step
-from pipa_jax.uda import patch as patch_ops
+from pipa_jax.step import NONFINITE, init_term_states, make_train_step, nonfinite_terms
 
 
 class WorkdirMismatchError(ValueError):
@@ -46,9 +49,8 @@ _FREE_MODEL_FIELDS = ("pretrained", "require_pretrained", "dwconv_impl", "conv_i
 
 
 def make_mesh(c: ml_collections.ConfigDict) -> jax.sharding.Mesh:
-    n = jax.device_count() if c.mesh_shape == -1 else c.mesh_shape
-    return jax.make_mesh((n,), ("data",), axis_types=(jax.sharding.AxisType.Auto,),
-                         devices=jax.devices()[:n])
+    """The run's ('data',) mesh over config.mesh_shape devices (pipa_jax.mesh)."""
+    return mesh_lib.make_mesh(c.mesh_shape)
 
 
 def _select(cfg, dotted):
@@ -77,13 +79,6 @@ def _check_workdir_config(c, workdir):
         raise WorkdirMismatchError(
             f"{workdir} holds a run with a different setup, so it cannot be resumed:\n  " + "\n  ".join(diffs)
             + "\nUse a new --workdir, or the config that started this run.")
-
-
-def _write_json_atomic(path, obj):
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=2, sort_keys=True, default=float)
-    os.replace(tmp, path)
 
 
 class _Preemption:
@@ -124,13 +119,9 @@ def build_model_and_state(c, mesh):
         imnet = (imnet_graphdef, jax.tree.map(jnp.copy, imnet_params))
     graphdef, params, batch_stats = nnx.split(model, nnx.Param, nnx.BatchStat)
     tx = make_optimizer(c, params)
-    bank = {}
-    if c.pipa.patch.enabled:
-        size = c.pipa.patch.bank_steps * 2 * c.pipa.patch.bank_cells  # steps x 2 crops x cells
-        bank = patch_ops.init_bank(size, c.model.patch_proj_dim)
     repl = NamedSharding(mesh, P())
-    init = jax.jit(lambda p, b, bk: create_train_state(p, b, tx, bk), out_shardings=repl)
-    state = init(params, batch_stats, bank)
+    init = jax.jit(lambda p, b, s: create_train_state(p, b, tx, s), out_shardings=repl)
+    state = init(params, batch_stats, init_term_states(terms_lib.build_terms(c)))
     return graphdef, tx, state, imnet
 
 
@@ -157,10 +148,8 @@ def _eval_record(conf, c=None):
     iou = metrics_lib.iou_from_confusion(conf)
     rec = {"miou": float(metrics_lib.miou(conf)),
            "per_class_iou": {n: (None if np.isnan(v) else float(v)) for n, v in zip(CLASS_NAMES, iou)}}
-    subsets = c.eval.get("miou_subsets", (19,)) if c is not None and "eval" in c else (19,)
-    for n in subsets:
-        if int(n) != 19:
-            rec[f"miou{int(n)}"] = float(metrics_lib.miou(conf, metrics_lib.CLASS_SUBSETS[int(n)]))
+    for name, ids in (metrics_lib.subsets_of(c) if c is not None else {}).items():
+        rec[name.lower()] = float(metrics_lib.miou(conf, ids))
     return rec
 
 
@@ -203,7 +192,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         start_index = int(restored["data"]["next_index"])
         logging.info("resumed from step %d in %s", latest, ckpt_dir)
     if jax.process_index() == 0:
-        _write_json_atomic(os.path.join(workdir, "config.json"), json.loads(c.to_json_best_effort()))
+        io_lib.write_json_atomic(os.path.join(workdir, "config.json"), json.loads(c.to_json_best_effort()))
 
     writer = _make_writer(workdir)
     step = int(jax.device_get(state.step))
@@ -238,7 +227,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         rec = {k: _eval_record(v, c) for k, v in last_confusions.items()}
         history[str(step_now)] = rec
         if jax.process_index() == 0:
-            _write_json_atomic(metrics_path, history)
+            io_lib.write_json_atomic(metrics_path, history)
             scal = {f"eval/{k}_miou": v["miou"] for k, v in rec.items()}
             scal.update({f"eval/iou/{n}": v for n, v in rec["student"]["per_class_iou"].items() if v is not None})
             writer.write_scalars(step_now, scal)
@@ -251,18 +240,18 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
             batch = {k: jax.make_array_from_process_local_data(data_sharding, v) for k, v in batch.items()}
             state, m = p_train_step(state, batch, imnet_params)
             step += 1
-            # Sums for averaging; the non-finite bitmask is OR-ed (a sum would alias its bits).
-            acc = m if acc is None else {k: (acc[k] | v) if k == "nonfinite_mask" else acc[k] + v
-                                         for k, v in m.items()}
+            # Sums for averaging (the nonfinite/ entries count the bad steps of each term).
+            acc = m if acc is None else {k: acc[k] + v for k, v in m.items()}
             acc_n += 1
             progress(step)
             if step % c.log_every == 0 or step == c.total_steps or preempt.requested:
                 host = jax.device_get(acc)
-                bad = int(host.pop("nonfinite_mask"))
+                bad = nonfinite_terms(host)
+                host = {k: v for k, v in host.items() if not k.startswith(NONFINITE)}
                 if bad:
                     mngr.wait_until_finished()
                     raise FloatingPointError(
-                        f"non-finite {', '.join(describe_nonfinite(bad))} between steps {step - acc_n + 1} and "
+                        f"non-finite {', '.join(bad)} between steps {step - acc_n + 1} and "
                         f"{step}; those updates were skipped and the last checkpoint in {ckpt_dir} is intact. "
                         "Lower the learning rate, check the inputs, or use float32 compute.")
                 final = {k: float(v) / acc_n for k, v in host.items()}

@@ -13,6 +13,7 @@ from flax import nnx
 
 from pipa_jax import evaluate, inference, metrics, model_io, train
 from pipa_jax.labels import CLASS_NAMES, NUM_CLASSES, SYNTHIA_13_CLASSES, SYNTHIA_16_CLASSES
+from pipa_jax.models import layers
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -60,6 +61,9 @@ class ToyNet(nnx.Module):
         b, h, w, c = x.shape
         pooled = x.reshape(b, h // 4, 4, w // 4, 4, c).mean(axis=(2, 4))
         return pooled @ self.w[...] + (x.mean(axis=(1, 2)) @ self.v[...])[:, None, None, :]
+
+    def infer_logits(self, x):  # the segmentor protocol's inference: logits at the input size
+        return layers.resize_bilinear(self(x), x.shape[1:3])
 
 
 def reference_slide(x, w, v, crop, stride):
@@ -220,7 +224,7 @@ def test_miou16_and_miou13_subsets_and_tables():
     assert rec["miou16"] == pytest.approx(result["miou16"]) and rec["miou13"] == pytest.approx(result["miou13"])
     # GTA configs report the 19-class mIoU only.
     g = load_config("gta2cs.py", "method=daformer,smoke")
-    assert evaluate.subsets_of(g) == {"mIoU": None} and "miou16" not in train._eval_record(conf, g)
+    assert metrics.subsets_of(g) == {"mIoU": None} and "miou16" not in train._eval_record(conf, g)
 
 
 # ----------------------------------------------------------------------------- CLI
@@ -360,7 +364,7 @@ def test_benchmark_configs_and_variants(name):
     smoke.data.source_root, smoke.data.target_root = "/x", "/y"
     config_lib.validate(smoke, 8)
     assert smoke.total_steps <= 10 and smoke.model.backbone == "mit_b0" and smoke.data.crop_size == (64, 64)
-    with pytest.raises(ValueError, match="unknown config options"):
+    with pytest.raises(ValueError, match="unknown config option"):
         load_config(name, "methd=pipa")
 
 

@@ -12,6 +12,7 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from pipa_jax.models import build_segmentor, layers
+from pipa_jax.models.layers import ComputeForms
 from pipa_jax.models.mit import MiTVariant, MixVisionTransformer, resolve_scan_blocks
 from test_convert import small_config  # the same small b0 Segmentor config
 
@@ -183,7 +184,7 @@ def test_conv_tap_filter_gradient_matches_native(cin, cout, kernel_size, dilatio
 def test_depthwise_tap_gradient_blocks_match_native(monkeypatch, shape, dilation, block):
     """The shift VJP's tap gradient walks the rows in blocks (in the full-size model: blocks of
     TAP_GRAD_BLOCK_ELEMENTS); small blocks here make several blocks and a padded last block."""
-    monkeypatch.setattr(layers, "TAP_GRAD_BLOCK_ELEMENTS", block)
+    monkeypatch.setattr(layers.conv, "TAP_GRAD_BLOCK_ELEMENTS", block)
     x = normal(0, shape)
     results = {}
     for impl in ("shift", "native"):
@@ -283,8 +284,8 @@ def test_encoder_scan_remat_fast_forms_match_native():
     # Fast forms with remat (custom VJP inside jax.checkpoint inside lax.scan) vs native without;
     # the Segmentor test below covers the fast forms without remat.
     for dw, conv, att, remat in [("shift", "matmul", "chunked", True), ("native", "native", "dense", False)]:
-        m = MixVisionTransformer(v, drop_path_rate=0.3, dwconv_impl=dw, conv_impl=conv, attention_impl=att,
-                                 remat=remat, scan_blocks=True, rngs=nnx.Rngs(2))
+        forms = ComputeForms(dwconv=dw, conv=conv, attention=att, remat=remat, scan_blocks=True)
+        m = MixVisionTransformer(v, drop_path_rate=0.3, forms=forms, rngs=nnx.Rngs(2))
         graphdef, params = nnx.split(m)
 
         def loss(params, x, graphdef=graphdef):

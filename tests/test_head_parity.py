@@ -1,5 +1,5 @@
 """Decoder and PiPa-head parity against small, independent PyTorch references written from
-METHOD.md §2.2-2.3 with the official mmseg key names (no installable reference exists)."""
+docs/method.md §2.2-2.3 with the official mmseg key names (no installable reference exists)."""
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -10,6 +10,7 @@ from torch import nn
 
 from pipa_jax.convert import load_torch_weights
 from pipa_jax.models.heads import DAFormerHead, PatchProjectionHead, PixelProjectionHead, SegFormerHead
+from pipa_jax.models.layers import ComputeForms
 
 IN_CH = (8, 16, 24, 32)
 SIZES = ((16, 20), (8, 10), (4, 5), (2, 3))  # strides 4, 8, 16, 32 of a 64x80 image
@@ -140,7 +141,7 @@ def assert_close_nchw(ours, ref, atol=1e-4):
 @pytest.mark.parametrize("impl", ["shift", "native"])
 def test_daformer_head_eval_and_train_mode(fusion, dilations, impl):
     ref = randomize(TDAFormerHead(IN_CH, 7, 16, dilations, fusion), seed=1)
-    ours = DAFormerHead(IN_CH, 7, 16, fusion=fusion, dilations=dilations or (1,), dwconv_impl=impl,
+    ours = DAFormerHead(IN_CH, 7, 16, fusion=fusion, dilations=dilations or (1,), forms=ComputeForms(dwconv=impl),
                         rngs=nnx.Rngs(0))
     report = load_torch_weights(ours, ref.state_dict())
     assert report.ok

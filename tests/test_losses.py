@@ -1,4 +1,4 @@
-"""Losses against independent, naive float64 NumPy references (METHOD.md §2.4, §4, §5)."""
+"""Losses against independent, naive float64 NumPy references (docs/method.md §2.4, §4, §5)."""
 
 import jax
 import jax.numpy as jnp

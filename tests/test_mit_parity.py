@@ -9,6 +9,7 @@ from flax import nnx
 from transformers import SegformerConfig, SegformerModel
 
 from pipa_jax.convert import load_torch_weights
+from pipa_jax.models.layers import ComputeForms
 from pipa_jax.models.mit import MIT_VARIANTS, MiTVariant, MixVisionTransformer
 
 # b0 exactly, and the b5 shape (dims, heads, sr ratios) with fewer blocks to keep CI fast.
@@ -106,7 +107,7 @@ def test_scan_shift_native_forms_agree():
     x = jnp.asarray(np.random.default_rng(1).normal(size=(1, 70, 64, 3)).astype(np.float32))
     outs = []
     for scan, impl in [(True, "shift"), (False, "shift"), (True, "native")]:
-        m = jax_mit(v, scan_blocks=scan, dwconv_impl=impl)
+        m = jax_mit(v, forms=ComputeForms(dwconv=impl, scan_blocks=scan))
         load_torch_weights(m, sd)
         outs.append(m(x))
     for other in outs[1:]:

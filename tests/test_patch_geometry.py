@@ -1,5 +1,5 @@
 """Crop geometry, cell correspondence, flips, cell labels and the FIFO bank of PiPa's patch
-contrast (METHOD.md §5), against NumPy references.
+contrast (docs/method.md §5), against NumPy references.
 
 The end-to-end tests cut crops from a synthetic image whose pixels carry the code
 (batch index, global cell row, global cell column) of the stride-8 cell they lie in, plus
@@ -325,7 +325,7 @@ def test_pairs_differ_between_keys():
 
 
 def _directional_loss_np(f1, f2, labels, conf1, conf2, valid, negs, neg_labels, neg_valid):
-    """Naive float64 METHOD.md §5 loss on flattened cells (l1 for crop 1, l2 for crop 2)."""
+    """Naive float64 docs/method.md §5 loss on flattened cells (l1 for crop 1, l2 for crop 2)."""
     total, count = 0.0, 0
     for a, p, ca, cp in ((f1, f2, conf1, conf2), (f2, f1, conf2, conf1)):
         for k in range(len(a)):

@@ -48,7 +48,7 @@ def model_dirs(tmp_path_factory):
     rng = np.random.default_rng(0)
     batch_stats = jax.tree.map(lambda x: np.ones(x.shape, x.dtype), batch_stats)
     state = TrainState(step=np.int32(3), params=_random_like(params, rng, 0.3), batch_stats=batch_stats,
-                       teacher_params=_random_like(params, rng, 0.3), opt_state={}, bank={})
+                       teacher_params=_random_like(params, rng, 0.3), opt_state={}, terms={})
     workdir = str(tmp_path_factory.mktemp("run"))
     mngr = ocp.CheckpointManager(os.path.join(workdir, "checkpoints"), item_names=("state", "data"),
                                  options=ocp.CheckpointManagerOptions(create=True))

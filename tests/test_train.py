@@ -100,7 +100,7 @@ def test_cli_trains_evaluates_and_checkpoints(reference_run):
     # The teacher moved away from the student (EMA), and the patch bank was filled.
     assert not np.array_equal(state["teacher_params"]["decode_head"]["conv_seg"]["kernel"]["value"],
                               state["params"]["decode_head"]["conv_seg"]["kernel"]["value"])
-    assert state["bank"]["valid"].any()
+    assert state["terms"]["patch"]["valid"].any()
     # A finished run started again does nothing and keeps its result.
     again = subprocess.run(cli(workdir, "", ), capture_output=True, text=True, timeout=600, cwd=ROOT)
     assert again.returncode == 0 and "done: step 8" in again.stdout

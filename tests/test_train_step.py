@@ -64,7 +64,7 @@ def test_patch_gate_mask_equals_cond(xla_cache_dir):
     batches = [next(pipeline.train_iterator(c, i)) for i in range(2)]
     results = {}
     for gate in ("cond", "mask"):
-        c.pipa.patch.gate = gate
+        c.term_gate = gate
         mesh = train.make_mesh(c)
         graphdef, tx, state, imnet = train.build_model_and_state(c, mesh)
         jitted = jax.jit(step_lib.make_train_step(c, graphdef, tx, imnet[0]))
@@ -77,15 +77,15 @@ def test_patch_gate_mask_equals_cond(xla_cache_dir):
     (s_cond, m_cond), (s_mask, m_mask) = results["cond"], results["mask"]
     for gate_metrics, gate_states in ((m_cond, s_cond), (m_mask, s_mask)):
         assert gate_metrics[0]["loss/patch"] == 0 and gate_metrics[0]["patch_counted"] == 0
-        assert not gate_states[0].bank["valid"].any()          # nothing pushed before the start
-        assert gate_states[1].bank["valid"].any()
+        assert not gate_states[0].terms["patch"]["valid"].any()          # nothing pushed before the start
+        assert gate_states[1].terms["patch"]["valid"].any()
     assert m_mask[1]["patch_counted"] == m_cond[1]["patch_counted"]
     for k in m_cond[1]:
         np.testing.assert_allclose(m_mask[1][k], m_cond[1][k], rtol=1e-4, atol=1e-6, err_msg=k)
     for a, b in zip(jax.tree.leaves(s_cond[1].params), jax.tree.leaves(s_mask[1].params)):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=2e-5)
-    np.testing.assert_allclose(s_mask[1].bank["feats"], s_cond[1].bank["feats"], atol=1e-5)
-    np.testing.assert_array_equal(s_mask[1].bank["labels"], s_cond[1].bank["labels"])
+    np.testing.assert_allclose(s_mask[1].terms["patch"]["feats"], s_cond[1].terms["patch"]["feats"], atol=1e-5)
+    np.testing.assert_array_equal(s_mask[1].terms["patch"]["labels"], s_cond[1].terms["patch"]["labels"])
 
 
 def test_nonfinite_loss_stops_and_names_the_term(xla_cache_dir, tmp_path, monkeypatch):

@@ -1,4 +1,4 @@
-"""Random-access sources for the official dataset layouts (METHOD.md §8-9).
+"""Random-access sources for the official dataset layouts (docs/method.md §8-9).
 
 Layouts (ROOT is what the user passes):
 
@@ -402,7 +402,7 @@ def align_stats(stats: dict, names: list[str], where: str, fix: str) -> np.ndarr
 
 def finish_example(image: np.ndarray, label: np.ndarray, name: str,
                    size: tuple[int, int] | None, full_res_label: bool) -> dict:
-    """Keep-ratio resize (METHOD.md §8) of a decoded pair -> the example dict."""
+    """Keep-ratio resize (docs/method.md §8) of a decoded pair -> the example dict."""
     if size is not None:
         h, w = transforms.rescale_size(image.shape[:2], size)
         if (h, w) != image.shape[:2]:

@@ -97,7 +97,7 @@ class PipaGta5(_PreparedLayoutBuilder):
 
 
 class PipaSynthiaRandCityscapes(_PreparedLayoutBuilder):
-    """SYNTHIA-RAND-CITYSCAPES with Cityscapes train ids (SYNTHIA ids mapped, METHOD.md §9)."""
+    """SYNTHIA-RAND-CITYSCAPES with Cityscapes train ids (SYNTHIA ids mapped, docs/method.md §9)."""
     DATASET = "synthia"
 
 

@@ -1,5 +1,5 @@
 """Host-side transforms: keep-ratio resize, random crop with the 75 % class rule, flip, and
-Rare Class Sampling (METHOD.md §8). All are pure functions of (example, numpy Generator), so a
+Rare Class Sampling (docs/method.md §8). All are pure functions of (example, numpy Generator), so a
 grain `random_map` makes every training element a function of (seed, index).
 
 The resizes follow the conventions of the official (mmcv / OpenCV) pipeline rather than Pillow's:

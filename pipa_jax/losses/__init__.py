@@ -1,4 +1,4 @@
-"""Training losses: segmentation cross-entropy (METHOD.md §2.4), pixel contrast (§4) and
+"""Training losses: segmentation cross-entropy (docs/method.md §2.4), pixel contrast (§4) and
 patch contrast (§5)."""
 
 from pipa_jax.losses.cross_entropy import cross_entropy

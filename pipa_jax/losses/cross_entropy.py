@@ -1,4 +1,4 @@
-"""Pixel-wise cross-entropy with an ignore index (METHOD.md §2.4)."""
+"""Pixel-wise cross-entropy with an ignore index (docs/method.md §2.4)."""
 
 import jax
 import jax.numpy as jnp

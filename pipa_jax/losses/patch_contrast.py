@@ -1,4 +1,4 @@
-"""Patch-wise directional contrast between two overlapping crops (METHOD.md §5).
+"""Patch-wise directional contrast between two overlapping crops (docs/method.md §5).
 
 The crop geometry, the label-based negative set and the feature bank live with the training
 step; this module only holds the loss, which streams over negatives so that memory grows

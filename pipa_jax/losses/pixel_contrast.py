@@ -1,4 +1,4 @@
-"""Pixel-wise supervised contrast on source embeddings (METHOD.md §4).
+"""Pixel-wise supervised contrast on source embeddings (docs/method.md §4).
 
 Two parts: `sample_pixel_anchors` picks a fixed-size, masked set of anchor pixels per
 (image, class) pair, half "hard" and half "easy" (ContrastiveSeg's sampler, which PiPa uses), and

@@ -45,17 +45,17 @@ class ConvModule(nnx.Module):
 
     `depthwise=True` makes the conv a depthwise k x k (channels in == out)."""
 
-    def __init__(self, in_ch, out_ch, kernel_size, *, dilation=1, depthwise=False, dwconv_impl="auto",
-                 conv_impl="auto", dtype, param_dtype, rngs):
+    def __init__(self, in_ch, out_ch, kernel_size, *, dilation=1, depthwise=False,
+                 forms: layers.ComputeForms = layers.ComputeForms(), dtype, param_dtype, rngs):
         kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         if depthwise:
             if in_ch != out_ch:
                 raise ValueError(f"a depthwise ConvModule needs in == out channels, got {in_ch}, {out_ch}")
             self.conv = layers.DepthwiseConv2d(in_ch, kernel_size=kernel_size, dilation=dilation,
-                                               use_bias=False, impl=dwconv_impl, **kw)
+                                               use_bias=False, impl=forms.dwconv, **kw)
         else:
             self.conv = layers.conv2d(in_ch, out_ch, kernel_size, padding=dilation * (kernel_size // 2),
-                                      dilation=dilation, use_bias=False, impl=conv_impl, **kw)
+                                      dilation=dilation, use_bias=False, impl=forms.conv, **kw)
         self.bn = layers.BatchNorm(out_ch, dtype=dtype, param_dtype=param_dtype)
 
     def __call__(self, x, *, use_running_average: bool):
@@ -65,11 +65,10 @@ class ConvModule(nnx.Module):
 class DepthwiseSeparableConvModule(nnx.Module):
     """Depthwise dilated 3x3 ConvModule, then pointwise 1x1 ConvModule (each BN + ReLU)."""
 
-    def __init__(self, in_ch, out_ch, dilation, *, dwconv_impl, conv_impl="auto", dtype, param_dtype, rngs):
-        kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-        self.depthwise_conv = ConvModule(in_ch, in_ch, 3, dilation=dilation, depthwise=True,
-                                         dwconv_impl=dwconv_impl, **kw)
-        self.pointwise_conv = ConvModule(in_ch, out_ch, 1, conv_impl=conv_impl, **kw)
+    def __init__(self, in_ch, out_ch, dilation, *, forms, dtype, param_dtype, rngs):
+        kw = dict(forms=forms, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.depthwise_conv = ConvModule(in_ch, in_ch, 3, dilation=dilation, depthwise=True, **kw)
+        self.pointwise_conv = ConvModule(in_ch, out_ch, 1, **kw)
 
     def __call__(self, x, *, use_running_average: bool):
         x = self.depthwise_conv(x, use_running_average=use_running_average)
@@ -80,18 +79,16 @@ class ASPPFusion(nnx.Module):
     """DAFormer's context-aware fusion: ASPP without image pooling, depthwise-separable dilated
     branches (1, 6, 12, 18), concatenation, 3x3 bottleneck (official `ASPPWrapper`, sep=True)."""
 
-    def __init__(self, in_ch, channels, dilations=(1, 6, 12, 18), *, dwconv_impl, conv_impl="auto", dtype,
-                 param_dtype, rngs):
-        kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+    def __init__(self, in_ch, channels, dilations=(1, 6, 12, 18), *, forms, dtype, param_dtype, rngs):
+        kw = dict(forms=forms, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         mods = []
         for d in dilations:
             if d == 1:
-                mods.append(ConvModule(in_ch, channels, 1, conv_impl=conv_impl, **kw))
+                mods.append(ConvModule(in_ch, channels, 1, **kw))
             else:
-                mods.append(DepthwiseSeparableConvModule(in_ch, channels, d, dwconv_impl=dwconv_impl,
-                                                         conv_impl=conv_impl, **kw))
+                mods.append(DepthwiseSeparableConvModule(in_ch, channels, d, **kw))
         self.aspp_modules = nnx.List(mods)
-        self.bottleneck = ConvModule(len(dilations) * channels, channels, 3, conv_impl=conv_impl, **kw)
+        self.bottleneck = ConvModule(len(dilations) * channels, channels, 3, **kw)
 
     def __call__(self, x, *, use_running_average: bool):
         outs = [m(x, use_running_average=use_running_average) for m in self.aspp_modules]
@@ -99,7 +96,7 @@ class ASPPFusion(nnx.Module):
 
 
 class DAFormerHead(nnx.Module):
-    """DAFormer decoder (METHOD.md §2.2): per-level Linear embedding to `embed_dim`, bilinear
+    """DAFormer decoder (docs/method.md §2.2): per-level Linear embedding to `embed_dim`, bilinear
     upsampling to stride 4 (align_corners=False), concatenation, fusion, dropout 0.1, 1x1 classifier.
 
     `fusion='aspp'` is the DAFormer head; `fusion='conv'` (a single 1x1 ConvModule) is HRDA's
@@ -109,20 +106,19 @@ class DAFormerHead(nnx.Module):
     """
 
     def __init__(self, in_channels, num_classes, embed_dim=256, *, fusion="aspp", dilations=(1, 6, 12, 18),
-                 dropout=0.1, dwconv_impl="auto", conv_impl="auto", dtype=jnp.float32, param_dtype=jnp.float32,
-                 rngs: nnx.Rngs):
+                 dropout=0.1, forms: layers.ComputeForms = layers.ComputeForms(), dtype=jnp.float32,
+                 param_dtype=jnp.float32, rngs: nnx.Rngs):
         kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         self.embed_layers = nnx.List([MLPEmbed(c, embed_dim, **kw) for c in in_channels])
         cat = embed_dim * len(in_channels)
         if fusion == "aspp":
-            self.fuse_layer = ASPPFusion(cat, embed_dim, dilations, dwconv_impl=dwconv_impl, conv_impl=conv_impl,
-                                         **kw)
+            self.fuse_layer = ASPPFusion(cat, embed_dim, dilations, forms=forms, **kw)
         elif fusion == "conv":
-            self.fuse_layer = ConvModule(cat, embed_dim, 1, conv_impl=conv_impl, **kw)
+            self.fuse_layer = ConvModule(cat, embed_dim, 1, forms=forms, **kw)
         else:
             raise ValueError(f"DAFormerHead fusion must be 'aspp' or 'conv', got {fusion!r}")
         self.conv_seg = layers.Conv2d(embed_dim, num_classes, (1, 1), dtype=dtype, param_dtype=param_dtype,
-                                      kernel_init=nnx.initializers.normal(0.01), impl=conv_impl, rngs=rngs)
+                                      kernel_init=nnx.initializers.normal(0.01), impl=forms.conv, rngs=rngs)
         self.dropout = dropout
         self.num_classes = num_classes
 
@@ -148,13 +144,14 @@ class SegFormerHead(nnx.Module):
     upsample to stride 4, concatenate (level order 1..4, as DAFormer's copy of it), 1x1
     ConvModule, dropout, classifier `linear_pred`. Same call signature as DAFormerHead."""
 
-    def __init__(self, in_channels, num_classes, embed_dim=256, *, dropout=0.1, conv_impl="auto",
-                 dtype=jnp.float32, param_dtype=jnp.float32, rngs: nnx.Rngs, **unused):
+    def __init__(self, in_channels, num_classes, embed_dim=256, *, dropout=0.1,
+                 forms: layers.ComputeForms = layers.ComputeForms(), dtype=jnp.float32, param_dtype=jnp.float32,
+                 rngs: nnx.Rngs):
         kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         self.linear_c = nnx.List([MLPEmbed(c, embed_dim, **kw) for c in in_channels])
-        self.linear_fuse = ConvModule(embed_dim * len(in_channels), embed_dim, 1, conv_impl=conv_impl, **kw)
+        self.linear_fuse = ConvModule(embed_dim * len(in_channels), embed_dim, 1, forms=forms, **kw)
         self.linear_pred = layers.Conv2d(embed_dim, num_classes, (1, 1), dtype=dtype, param_dtype=param_dtype,
-                                         kernel_init=nnx.initializers.normal(0.01), impl=conv_impl, rngs=rngs)
+                                         kernel_init=nnx.initializers.normal(0.01), impl=forms.conv, rngs=rngs)
         self.dropout = dropout
         self.num_classes = num_classes
 
@@ -170,16 +167,16 @@ class SegFormerHead(nnx.Module):
 
 
 class PixelProjectionHead(nnx.Module):
-    """PiPa's pixel head (METHOD.md §2.3): the 4 encoder maps, stages 2-4 upsampled to stride 4
+    """PiPa's pixel head (docs/method.md §2.3): the 4 encoder maps, stages 2-4 upsampled to stride 4
     with align_corners=True (as the official code), concatenated -> 1x1 conv + BN + ReLU ->
     1x1 conv -> L2-normalised embeddings [B, H/4, W/4, proj_dim] in float32.
 
     Official names: proj_head.proj.0 (conv1), proj_head.proj.1.0 (bn), proj_head.proj.2 (conv2);
     pipa_jax.convert carries that rename."""
 
-    def __init__(self, in_channels, proj_dim=256, *, conv_impl="auto", dtype=jnp.float32, param_dtype=jnp.float32,
-                 rngs: nnx.Rngs):
-        kw = dict(impl=conv_impl, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+    def __init__(self, in_channels, proj_dim=256, *, forms: layers.ComputeForms = layers.ComputeForms(),
+                 dtype=jnp.float32, param_dtype=jnp.float32, rngs: nnx.Rngs):
+        kw = dict(impl=forms.conv, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         cat = sum(in_channels)
         self.conv1 = layers.conv2d(cat, cat, 1, **kw)
         self.bn = layers.BatchNorm(cat, dtype=dtype, param_dtype=param_dtype)
@@ -193,14 +190,14 @@ class PixelProjectionHead(nnx.Module):
 
 
 class PatchProjectionHead(nnx.Module):
-    """PiPa's patch head (METHOD.md §2.3): the decoder's fused map (stride 4), 2x2 average-pooled
+    """PiPa's patch head (docs/method.md §2.3): the decoder's fused map (stride 4), 2x2 average-pooled
     to stride 8 -> 1x1 conv + ReLU -> 1x1 conv -> L2-normalised [B, H/8, W/8, proj_dim].
 
     Official names: project.0 (conv1), project.2 (conv2), stored beside `model.` in the UDA module."""
 
-    def __init__(self, in_ch=256, proj_dim=128, *, conv_impl="auto", dtype=jnp.float32, param_dtype=jnp.float32,
-                 rngs: nnx.Rngs):
-        kw = dict(impl=conv_impl, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+    def __init__(self, in_ch=256, proj_dim=128, *, forms: layers.ComputeForms = layers.ComputeForms(),
+                 dtype=jnp.float32, param_dtype=jnp.float32, rngs: nnx.Rngs):
+        kw = dict(impl=forms.conv, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         self.conv1 = layers.conv2d(in_ch, in_ch, 1, **kw)
         self.conv2 = layers.conv2d(in_ch, proj_dim, 1, **kw)
 

@@ -1,4 +1,4 @@
-"""Mix Transformer (MiT-b0..b5), SegFormer's encoder (METHOD.md §2.1).
+"""Mix Transformer (MiT-b0..b5), SegFormer's encoder (docs/method.md §2.1).
 
 Attribute paths mirror the official PyTorch names (`patch_embed1.proj`, `block1[0].attn.kv`,
 `block3[5].mlp.dwconv.dwconv`, `norm4`), so pipa_jax.convert maps official keys by rule.
@@ -49,33 +49,15 @@ def get_variant(variant: str | MiTVariant) -> MiTVariant:
 
 # Stages with at least this many blocks run as a lax.scan when scan_blocks is on.
 SCAN_MIN_DEPTH = 4
-
-
-def resolve_scan_blocks(scan_blocks) -> bool:
-    """True / False, or 'auto': unrolled on CPU, scanned on GPU/TPU.
-
-    On XLA:CPU the scanned stages cost run time: the loop copies every block's residuals into
-    stacked buffers and back (measured here, MiT-b5 encoder gradient at 512x512, batch 2: 11.8 s
-    scanned vs 8.4 s unrolled), while unrolling costs compile time (15 s vs 34 s). A training run
-    compiles once and steps tens of thousands of times, so CPU unrolls. On GPU/TPU 'auto' keeps
-    the scan for its compile time (its run-time cost there was not measured on this machine).
-    """
-    if isinstance(scan_blocks, bool):
-        return scan_blocks
-    value = str(scan_blocks).lower()  # config files and --config overrides give strings
-    if value == "auto":
-        return jax.default_backend() != "cpu"
-    if value in ("true", "false"):
-        return value == "true"
-    raise ValueError(f"scan_blocks must be True, False or 'auto', got {scan_blocks!r}")
+resolve_scan_blocks = layers.resolve_scan_blocks
 
 
 class OverlapPatchEmbed(nnx.Module):
     """Strided conv (k7 s4 p3 in stage 1, k3 s2 p1 after) + LayerNorm (eps 1e-5)."""
 
-    def __init__(self, in_ch, dim, kernel_size, stride, *, conv_impl="auto", dtype, param_dtype, rngs):
+    def __init__(self, in_ch, dim, kernel_size, stride, *, forms, dtype, param_dtype, rngs):
         self.proj = layers.conv2d(in_ch, dim, kernel_size, stride=stride, padding=kernel_size // 2,
-                                  impl=conv_impl, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+                                  impl=forms.conv, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         self.norm = layers.layer_norm(dim, 1e-5, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
 
     def __call__(self, x):
@@ -85,10 +67,9 @@ class OverlapPatchEmbed(nnx.Module):
 class Attention(nnx.Module):
     """Efficient self-attention: keys/values from a spatially reduced map when sr_ratio > 1
     (`sr`: conv with kernel = stride = sr_ratio, no padding, a patch matmul on CPU, see
-    layers.Conv2d). The softmax attention itself is layers.attention (`attention_impl`)."""
+    layers.Conv2d). The softmax attention itself is layers.attention (`forms.attention`)."""
 
-    def __init__(self, dim, num_heads, sr_ratio, *, conv_impl="auto", attention_impl="auto", dtype, param_dtype,
-                 rngs):
+    def __init__(self, dim, num_heads, sr_ratio, *, forms, dtype, param_dtype, rngs):
         kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         self.num_heads = num_heads
         self.sr_ratio = sr_ratio
@@ -96,10 +77,9 @@ class Attention(nnx.Module):
         self.kv = layers.linear(dim, 2 * dim, **kw)  # output channels [k | v]
         self.proj = layers.linear(dim, dim, **kw)
         if sr_ratio > 1:
-            self.sr = layers.conv2d(dim, dim, sr_ratio, stride=sr_ratio, impl=conv_impl, **kw)
+            self.sr = layers.conv2d(dim, dim, sr_ratio, stride=sr_ratio, impl=forms.conv, **kw)
             self.norm = layers.layer_norm(dim, 1e-5, **kw)
-        layers.resolve_attention_impl(attention_impl)  # validate early
-        self.attention_impl = attention_impl
+        self.attention_impl = forms.attention
         self.dtype = dtype
 
     def __call__(self, x):  # x: [B, h, w, C]
@@ -126,10 +106,10 @@ class DWConv(nnx.Module):
 class MixFFN(nnx.Module):
     """fc1 -> depthwise 3x3 -> GELU (exact erf form, as nn.GELU) -> fc2."""
 
-    def __init__(self, dim, hidden, *, impl, dtype, param_dtype, rngs):
+    def __init__(self, dim, hidden, *, forms, dtype, param_dtype, rngs):
         kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         self.fc1 = layers.linear(dim, hidden, **kw)
-        self.dwconv = DWConv(hidden, impl=impl, **kw)
+        self.dwconv = DWConv(hidden, impl=forms.dwconv, **kw)
         self.fc2 = layers.linear(hidden, dim, **kw)
 
     def __call__(self, x):
@@ -140,13 +120,12 @@ class Block(nnx.Module):
     """Pre-norm transformer block. The drop-path rate is a call argument (not an attribute) so
     all blocks of a stage share one graph definition and can be scanned."""
 
-    def __init__(self, dim, num_heads, mlp_ratio, sr_ratio, *, impl, conv_impl="auto", attention_impl="auto",
-                 dtype, param_dtype, rngs):
-        kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-        self.norm1 = layers.layer_norm(dim, 1e-6, **kw)
-        self.attn = Attention(dim, num_heads, sr_ratio, conv_impl=conv_impl, attention_impl=attention_impl, **kw)
-        self.norm2 = layers.layer_norm(dim, 1e-6, **kw)
-        self.mlp = MixFFN(dim, dim * mlp_ratio, impl=impl, **kw)
+    def __init__(self, dim, num_heads, mlp_ratio, sr_ratio, *, forms, dtype, param_dtype, rngs):
+        kw = dict(forms=forms, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.norm1 = layers.layer_norm(dim, 1e-6, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.attn = Attention(dim, num_heads, sr_ratio, **kw)
+        self.norm2 = layers.layer_norm(dim, 1e-6, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.mlp = MixFFN(dim, dim * mlp_ratio, **kw)
 
     def __call__(self, x, drop_rate, rng, *, train: bool):
         k1, k2 = jax.random.split(rng) if rng is not None else (None, None)
@@ -163,29 +142,24 @@ class MixVisionTransformer(nnx.Module):
       variant: 'b0'..'b5' (or 'mit_b5').
       drop_path_rate: stochastic depth, linearly spaced over all blocks (0.1 in all recipes);
         active only with train=True, which then needs `rng`.
-      dwconv_impl: 'auto' | 'shift' | 'shift_autodiff' | 'native' (see layers.resolve_dwconv_impl).
-      conv_impl: 'auto' | 'matmul' | 'native': the attention's spatial-reduction conv as a patch
-        matmul or a lax conv (see layers.resolve_conv_impl).
-      attention_impl: 'auto' | 'chunked' | 'dense' (see layers.resolve_attention_impl).
-      scan_blocks: run the blocks of each stage with >= SCAN_MIN_DEPTH blocks as one lax.scan over
-        stacked parameters. The result is identical; compile time stops growing with depth
-        (MiT-b5 has 40 blocks in stage 3). 'auto': unrolled on CPU (see resolve_scan_blocks).
-      remat: recompute each block's activations in the backward pass (jax.checkpoint; only the
-        block inputs are kept). Same result, less memory, about one more forward of compute.
+      forms: layers.ComputeForms: the depthwise-conv, conv and attention forms, and
+        - scan_blocks: run the blocks of each stage with >= SCAN_MIN_DEPTH blocks as one lax.scan
+          over stacked parameters. The result is identical; compile time stops growing with depth
+          (MiT-b5 has 40 blocks in stage 3). 'auto': unrolled on CPU (see resolve_scan_blocks).
+        - remat: recompute each block's activations in the backward pass (jax.checkpoint; only the
+          block inputs are kept). Same result, less memory, about one more forward of compute.
       dtype / param_dtype: compute and parameter dtypes.
     """
 
-    def __init__(self, variant: str = "b5", *, drop_path_rate: float = 0.1, dwconv_impl: str = "auto",
-                 conv_impl: str = "auto", attention_impl: str = "auto", scan_blocks: bool | str = "auto",
-                 remat: bool = False,
+    def __init__(self, variant: str = "b5", *, drop_path_rate: float = 0.1,
+                 forms: layers.ComputeForms = layers.ComputeForms(),
                  dtype=jnp.float32, param_dtype=jnp.float32, rngs: nnx.Rngs):
         v = get_variant(variant)
         self.variant = variant
         self.embed_dims = v.embed_dims
         self.depths = v.depths
-        resolve_scan_blocks(scan_blocks)  # validate early
-        self.scan_blocks = scan_blocks
-        self.remat = remat
+        self.scan_blocks = forms.scan_blocks
+        self.remat = forms.remat
         kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         rates = np.linspace(0.0, drop_path_rate, sum(v.depths)).tolist()
         self.drop_path_rates = tuple(tuple(rates[sum(v.depths[:s]):sum(v.depths[:s + 1])]) for s in range(4))
@@ -193,10 +167,9 @@ class MixVisionTransformer(nnx.Module):
         for s in range(4):
             k, stride = (7, 4) if s == 0 else (3, 2)
             setattr(self, f"patch_embed{s + 1}", OverlapPatchEmbed(in_ch, v.embed_dims[s], k, stride,
-                                                                   conv_impl=conv_impl, **kw))
+                                                                   forms=forms, **kw))
             setattr(self, f"block{s + 1}", nnx.List([
-                Block(v.embed_dims[s], v.num_heads[s], v.mlp_ratio, v.sr_ratios[s], impl=dwconv_impl,
-                      conv_impl=conv_impl, attention_impl=attention_impl, **kw)
+                Block(v.embed_dims[s], v.num_heads[s], v.mlp_ratio, v.sr_ratios[s], forms=forms, **kw)
                 for _ in range(v.depths[s])
             ]))
             setattr(self, f"norm{s + 1}", layers.layer_norm(v.embed_dims[s], 1e-6, **kw))

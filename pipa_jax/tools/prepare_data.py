@@ -1,4 +1,4 @@
-"""Prepares an official dataset layout for training (METHOD.md §9).
+"""Prepares an official dataset layout for training (docs/method.md §9).
 
     python -m pipa_jax.tools.prepare_data {gta,synthia,cityscapes} ROOT [--workers N]
 
@@ -26,7 +26,6 @@ import json
 import multiprocessing
 import os
 import sys
-import tempfile
 
 import numpy as np
 
@@ -84,18 +83,7 @@ def _write_json_atomic(path: str, obj) -> bool:
                 return False
     except (FileNotFoundError, UnicodeDecodeError):
         pass
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix="." + os.path.basename(path) + ".",
-                               suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.remove(tmp)
-        raise
+    io_lib.write_text_atomic(path, text)
     return True
 
 

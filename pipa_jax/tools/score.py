@@ -21,12 +21,10 @@ absent from both ground truth and predictions.
 """
 from __future__ import annotations
 
-import json
 import logging
 import os
 import re
 import sys
-import tempfile
 from typing import Sequence
 
 import numpy as np
@@ -44,11 +42,8 @@ TRAIN_IDS_SUFFIX = "_gtFine_labelTrainIds.png"
 # evaluator's prediction pattern "<city>_<seq>_<frame>*.png".
 FRAME_ID_RE = re.compile(r"^([A-Za-z][A-Za-z-]*_\d{6}_\d{6})(?![0-9])")
 
-_MIOU_ROWS = {
-    19: {"mIoU": None},
-    16: {"mIoU16": metrics.CLASS_SUBSETS[16], "mIoU13": metrics.CLASS_SUBSETS[13]},
-    13: {"mIoU13": metrics.CLASS_SUBSETS[13]},
-}
+# --classes N reports these rows (SYNTHIA's 16 classes also give the 13-class mIoU).
+_MIOU_ROWS = {19: metrics.miou_rows((19,)), 16: metrics.miou_rows((16, 13)), 13: metrics.miou_rows((13,))}
 _SHOW_MISSING = 5
 
 log = logging.getLogger(__name__)
@@ -222,15 +217,7 @@ def write_json(path: str, result: dict) -> None:
     """Writes `result` as JSON (nan -> null), atomically."""
     path = os.path.abspath(os.fspath(path))
     os.makedirs(os.path.dirname(path), exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix=".score.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(_json_safe(result), f, indent=2)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+    io_lib.write_json_atomic(path, _json_safe(result), sort_keys=False, default=None)
 
 
 def format_result(result: dict) -> str:

@@ -1,4 +1,4 @@
-"""DACS strong augmentation of the mixed images (METHOD.md §3.6), on device and jittable.
+"""DACS strong augmentation of the mixed images (docs/method.md §3.6), on device and jittable.
 
 Official behaviour (DAFormer ``dacs_transforms.color_jitter`` / ``gaussian_blur``, kornia 0.5.x):
 - Two uniforms per training step, shared by the batch: ``u`` (colour jitter iff ``u > 0.2``) and

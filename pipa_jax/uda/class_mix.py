@@ -1,4 +1,4 @@
-"""ClassMix masks and mixing (DACS; METHOD.md §3.6), with static shapes.
+"""ClassMix masks and mixing (DACS; docs/method.md §3.6), with static shapes.
 
 Official behaviour, two variants:
 - DAFormer / HRDA / MIC / PiPa (``get_class_masks`` in ``dacs_transforms.py``): for each image i

@@ -1,4 +1,4 @@
-"""Mean-teacher EMA of the student parameters (METHOD.md §3.1).
+"""Mean-teacher EMA of the student parameters (docs/method.md §3.1).
 
 Official behaviour (DAFormer ``DACS._init_ema_weights`` / ``_update_ema``): at UDA iteration 0 the
 teacher is a copy of the student; before every later iteration t the teacher becomes
@@ -7,7 +7,7 @@ teacher is a copy of the student; before every later iteration t the teacher bec
 call it unconditionally every step (no Python branch, one compiled program).
 
 Only parameters are averaged; the caller decides what to do with BatchNorm statistics (the
-teacher runs with batch statistics, METHOD.md §2.2).
+teacher runs with batch statistics, docs/method.md §2.2).
 """
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""ImageNet feature distance on "thing" classes (DAFormer; METHOD.md §3.4).
+"""ImageNet feature distance on "thing" classes (DAFormer; docs/method.md §3.4).
 
 Official behaviour (DAFormer ``calc_feat_dist`` / ``masked_feat_dist`` / ``downscale_label_ratio``):
 on the last encoder stage, ``d = ||f_student - f_imagenet||_2`` per position (the frozen ImageNet
@@ -7,7 +7,7 @@ average-pooling its one-hot (255 as an extra class) over ``scale x scale`` block
 majority class when its share is >= 0.75 and 255 otherwise (so a 255 majority also gives 255);
 ``L_FD = 0.005 * mean(d over positions whose downscaled label is a thing class)``.
 Difference: officially an empty mask gives ``mean([]) = NaN``; here the loss is exactly 0 with
-zero gradient, as METHOD.md asks.
+zero gradient (docs/method.md §3.4).
 """
 from __future__ import annotations
 

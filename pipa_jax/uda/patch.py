@@ -1,4 +1,4 @@
-"""Geometry and bookkeeping of PiPa's patch-wise contrast (METHOD.md §5).
+"""Geometry and bookkeeping of PiPa's patch-wise contrast (docs/method.md §5).
 
 Two equal-size crops of one image (the mixed image x_m by default) are cut so that their box
 IoU lies in a range and their offsets are multiples of the feature stride (8, the patch head's
@@ -36,9 +36,9 @@ from pipa_jax.labels import IGNORE_INDEX
 from pipa_jax.losses.patch_contrast import directional_contrast_loss
 
 STRIDE = 8
-"""Feature stride of the patch head (METHOD.md §2.3)."""
+"""Feature stride of the patch head (docs/method.md §2.3)."""
 BANK_STEPS = 2
-"""The bank holds the features of the last 2 steps (METHOD.md §5)."""
+"""The bank holds the features of the last 2 steps (docs/method.md §5)."""
 BANK_CELLS_PER_CROP = 1600
 """Random cells of each crop (pooled over the batch) pushed into the bank per step."""
 DEFAULT_BANK_SIZE = BANK_STEPS * 2 * BANK_CELLS_PER_CROP
@@ -259,7 +259,7 @@ def cell_labels(labels: jax.Array, stride: int = STRIDE) -> jax.Array:
 
     Nearest downsampling as PyTorch's F.interpolate(mode='nearest') does it: output cell i
     takes input index floor(i * H / (H / stride)) = i * stride, i.e. the cell's top-left pixel
-    (METHOD.md §5 allows "majority / nearest"; nearest matches the pixel-contrast labels, §4, and
+    (docs/method.md §5 allows "majority / nearest"; nearest matches the pixel-contrast labels, §4, and
     never invents a label at class boundaries).
     """
     if labels.ndim != 3:
@@ -370,7 +370,7 @@ def patch_contrast_inputs(
     labels2: jax.Array | None = None,
     ignore_index: int = IGNORE_INDEX,
 ) -> tuple[dict, tuple[jax.Array, jax.Array, jax.Array]]:
-    """Anchors, confidences and negatives of the directional patch contrast (METHOD.md §5).
+    """Anchors, confidences and negatives of the directional patch contrast (docs/method.md §5).
 
     All maps are in the unflipped frame of their crop (flip features and logits back with
     `unflip` first); h, w = crop_hw // stride.
@@ -486,7 +486,7 @@ def patch_contrast_loss(
     confidence_threshold: float = 0.9,
     chunk_size: int = 256,
 ) -> tuple[jax.Array, jax.Array, tuple[jax.Array, jax.Array, jax.Array]]:
-    """L_patch of METHOD.md §5: `patch_contrast_inputs` + `directional_contrast_loss`.
+    """L_patch of docs/method.md §5: `patch_contrast_inputs` + `directional_contrast_loss`.
 
     Returns (loss, num_counted, push); push goes to `push_bank` after the step.
     """

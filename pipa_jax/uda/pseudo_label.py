@@ -1,4 +1,4 @@
-"""Teacher pseudo-labels and their confidence weight (METHOD.md §3.5).
+"""Teacher pseudo-labels and their confidence weight (docs/method.md §3.5).
 
 Official behaviour (DAFormer ``DACS.forward_train``, from DACS "threshold_uniform"): softmax of
 the EMA teacher's logits, ``(p_max, y_hat) = max(softmax)``, and ONE scalar weight for the whole

@@ -1,0 +1,32 @@
+"""Cross-entropy terms: the source labels, the mixed batch with its pseudo-label weights, and the
+oracle's target labels. The segmentor defines the loss (EncoderDecoder: upsample + CE; HRDA:
+fused + detail, docs/method.md §6.5)."""
+from __future__ import annotations
+
+from pipa_jax.terms.base import Term, TermOut, register_term
+
+
+def _supervised(view_name: str):
+    def fn(ctx, state):
+        v = ctx.get(view_name)
+        return TermOut(ctx.model.supervised_loss(v.out, v.labels, v.weight))
+    return fn
+
+
+@register_term("source_ce")
+def source_ce(config):
+    return Term("source_ce", _supervised("source"), needs=("source",))
+
+
+@register_term("target_ce")
+def target_ce(config):
+    if not config.uda.target_supervised:
+        return None
+    return Term("target_ce", _supervised("target"), needs=("target",))
+
+
+@register_term("mix_ce")
+def mix_ce(config):
+    if not config.uda.self_training:
+        return None
+    return Term("mix_ce", _supervised("mixed"), needs=("mixed",))
