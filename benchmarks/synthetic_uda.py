@@ -1,6 +1,8 @@
 """Every method on the synthetic domain pair, several seeds: the embedded default's accuracy table.
 
   python benchmarks/synthetic_uda.py --seeds 0,1,2 --out benchmarks/results/synthetic_uda
+  python benchmarks/synthetic_uda.py --config configs/synthetic_hrda.py --seeds 0,1,2 \
+      --runs_dir runs/synthetic_uda_hrda --out benchmarks/results/synthetic_uda_hrda
 
 Each run is the README's main command (`python -m pipa_jax.main --config configs/synthetic.py:method=M
 --config.seed=S`) in its own process and workdir, so the table measures exactly what users run.
@@ -8,7 +10,9 @@ Source-only runs go first; the other methods of the same seed show the source-on
 the baseline column of their predictions.png. A run whose workdir already holds a finished result
 is not repeated (delete the workdir to redo it), so an interrupted benchmark resumes.
 Reported: the final student's target-val mIoU (mean and sample std over seeds), per-class IoU
-means, and wall time per run (which includes compilation).
+means, and wall time per run (which includes compilation). With a config that defines pairs to
+compare (COMPARISONS: HRDA against DAFormer at the same student pixels, HRDA + PiPa against HRDA),
+the table adds their per-seed differences (same seed = same data order and initialisation).
 """
 from __future__ import annotations
 
@@ -26,16 +30,24 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 from pipa_jax import io as io_lib  # noqa: E402  (the atomic writer)
-METHODS = ("source_only", "oracle", "dacs", "daformer", "pixel_only", "patch_only", "pipa")
+# The methods each config file offers, in table order, and the pairs (a, b) whose difference a - b
+# the table reports seed by seed.
+SUITES = {
+    "configs/synthetic.py": (("source_only", "oracle", "dacs", "daformer", "pixel_only", "patch_only", "pipa"),
+                             (("pipa", "daformer"),)),
+    "configs/synthetic_hrda.py": (("source_only", "oracle", "daformer", "hrda", "pipa"),
+                                  (("hrda", "daformer"), ("pipa", "hrda"))),
+}
+METHODS = SUITES["configs/synthetic.py"][0]
 
 
 def run_one(method: str, seed: int, workdir: str, extra: list[str], baseline: str | None,
-            config_args: str = "") -> dict:
+            config_args: str = "", config: str = "configs/synthetic.py") -> dict:
     result_file = os.path.join(workdir, "benchmark_run.json")
     if os.path.exists(result_file):
         with open(result_file) as f:
             return json.load(f)
-    cmd = [sys.executable, "-m", "pipa_jax.main", "--config", f"configs/synthetic.py:method={method}{config_args}",
+    cmd = [sys.executable, "-m", "pipa_jax.main", "--config", f"{config}:method={method}{config_args}",
            "--workdir", workdir, f"--config.seed={seed}", *extra]
     if baseline:
         cmd.append(f"--config.report.baseline_workdir={baseline}")
@@ -55,9 +67,9 @@ def run_one(method: str, seed: int, workdir: str, extra: list[str], baseline: st
     return rec
 
 
-def summarize(runs: list[dict]) -> dict:
+def summarize(runs: list[dict], methods=METHODS) -> dict:
     out = {}
-    for m in METHODS:
+    for m in methods:
         rs = [r for r in runs if r["method"] == m]
         if not rs:
             continue
@@ -87,11 +99,20 @@ def markdown(summary: dict, meta: dict) -> str:
         teacher = "-" if s.get("teacher_miou_mean") is None else f"{s['teacher_miou_mean']:.1f}"
         lines.append(f"| {m} | {s['miou_mean']:.1f} | {s['miou_std']:.1f} | {len(s['mious'])} | "
                      f"{', '.join(f'{v:.1f}' for v in s['mious'])} | {teacher} | {s['wall_s_median']:.0f} |")
+    for a, b in meta.get("comparisons", ()):
+        if a in summary and b in summary:
+            sa, sb = summary[a], summary[b]
+            diffs = [x - y for s, x in zip(sa["seeds"], sa["mious"]) for t, y in zip(sb["seeds"], sb["mious"]) if s == t]
+            if diffs:
+                std = statistics.stdev(diffs) if len(diffs) > 1 else 0.0
+                lines += ["", f"{a} - {b}, seed by seed: {', '.join(f'{d:+.1f}' for d in diffs)} "
+                          f"(mean {statistics.mean(diffs):+.1f}, std {std:.1f}; {sum(d > 0 for d in diffs)} of "
+                          f"{len(diffs)} seeds positive)"]
     if "source_only" in summary:
         base = summary["source_only"]["miou_mean"]
         lines += ["", "Differences to source-only (mIoU points): " + ", ".join(
             f"{m} {s['miou_mean'] - base:+.1f}" for m, s in summary.items() if m != "source_only")]
-        checks = [("oracle", 25.0), ("daformer", 10.0), ("pipa", 10.0)]
+        checks = [("oracle", 25.0), ("daformer", 10.0), ("pipa", 10.0)] if meta.get("default_targets") else []
         verdicts = [f"{m} - source_only = {summary[m]['miou_mean'] - base:+.1f} (target >= {t:.0f}: "
                     f"{'met' if summary[m]['miou_mean'] - base >= t else 'NOT met'})"
                     for m, t in checks if m in summary]
@@ -108,7 +129,8 @@ def markdown(summary: dict, meta: dict) -> str:
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--methods", default=",".join(METHODS))
+    ap.add_argument("--config", default="configs/synthetic.py", choices=sorted(SUITES))
+    ap.add_argument("--methods", default="", help="comma-separated (default: every method of --config)")
     ap.add_argument("--seeds", default="0,1,2")
     ap.add_argument("--runs_dir", default=os.path.join(ROOT, "runs", "synthetic_uda"))
     ap.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "results", "synthetic_uda"))
@@ -118,10 +140,11 @@ def main():
     ap.add_argument("--finished_only", action="store_true",
                     help="run nothing: tabulate the runs in --runs_dir that have finished")
     args = ap.parse_args()
-    methods = [m for m in args.methods.split(",") if m]
-    unknown = set(methods) - set(METHODS)
+    suite, comparisons = SUITES[args.config]
+    methods = [m for m in args.methods.split(",") if m] or list(suite)
+    unknown = set(methods) - set(suite)
     if unknown:
-        raise SystemExit(f"unknown methods {sorted(unknown)}; expected some of {', '.join(METHODS)}")
+        raise SystemExit(f"unknown methods {sorted(unknown)} for {args.config}; expected some of {', '.join(suite)}")
     seeds = [int(s) for s in args.seeds.split(",")]
     extra = args.extra.split()
 
@@ -131,7 +154,7 @@ def main():
             return None
         base = os.path.join(args.runs_dir, f"source_only_seed{seed}")
         baseline = base if m != "source_only" and os.path.exists(os.path.join(base, "metrics.json")) else None
-        rec = run_one(m, seed, workdir, extra, baseline, args.config_args)
+        rec = run_one(m, seed, workdir, extra, baseline, args.config_args, args.config)
         print(f"{m:12s} seed {seed}: mIoU {100 * rec['miou']:.1f}  ({rec['wall_s']:.0f} s)", flush=True)
         return rec
 
@@ -150,8 +173,9 @@ def main():
             "command": "python " + " ".join(os.path.relpath(a, ROOT) if a.startswith(ROOT) else a
                                             for a in sys.argv),
             "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores, Python {platform.python_version()}",
-            "jobs": args.jobs}
-    summary = summarize(runs)
+            "jobs": args.jobs, "comparisons": comparisons,
+            "default_targets": args.config == "configs/synthetic.py" and not args.config_args}
+    summary = summarize(runs, suite)
     os.makedirs(os.path.dirname(args.out), exist_ok=True)
     io_lib.write_json_atomic(args.out + ".json", {"meta": meta, "summary": summary, "runs": runs}, indent=1,
                              sort_keys=False)

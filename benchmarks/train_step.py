@@ -2,13 +2,18 @@
 memory, the time split by stage, and the memory of the contrastive losses against N.
 
   python benchmarks/train_step.py --variants b0,b5 --repeats 5 --out benchmarks/results/train_step
+  python benchmarks/train_step.py --segmentor hrda --size 1024 --variants b0,b5 --ladder_variants b0,b5 \
+      --methods source_only,daformer,pipa --remat_variants '' --out benchmarks/results/train_step_hrda
 
 Stage split: the step is built for a ladder of methods that each add one stage
 (source_only -> dacs -> daformer -> pixel_only -> pipa) and the medians are differenced:
   source forward/backward + AdamW | + EMA teacher forward, ClassMix, strong augmentation and
   the mixed forward/backward | + frozen ImageNet encoder forward and feature distance |
   + pixel head and pixel contrast | + two overlapping crops through the student and patch contrast.
-The patch term runs from step 0 here (start_step = 0) so that it is timed.
+The patch term runs from step 0 here (start_step = 0) so that it is timed. With --segmentor hrda
+every rung runs on the HRDA segmentor (docs/method.md §6): detail crop = half the crop, detail
+windows every quarter crop in the teacher's inference, patch crops 3/4 of the crop; 'daformer' is
+then HRDA's own recipe (self-training + FD) and 'pipa' HRDA + PiPa.
 Timings are medians over repeats measured in one process; this machine is noisy, so compare
 ratios from the same run rather than absolute seconds across runs.
 """
@@ -16,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
 import os
 import platform
 import resource
@@ -44,9 +48,15 @@ STAGE_NAMES = {
 }
 
 
-def bench_config(variant: str, method: str, size: int, batch: int, remat: bool = False):
+def bench_config(variant: str, method: str, size: int, batch: int, remat: bool = False,
+                 segmentor: str = "encoder_decoder"):
     c = config_lib.base_config()
     config_lib.apply_method(c, method)
+    c.model.segmentor = segmentor
+    if segmentor == "hrda":
+        c.model.hrda.hr_crop_size = (size // 2, size // 2)
+        c.model.hrda.hr_slide_stride = (size // 4, size // 4)
+        c.pipa.patch.weight = 0.01
     c.model.backbone = f"mit_{variant}"
     c.model.remat = remat
     c.batch_size = batch
@@ -59,8 +69,8 @@ def bench_config(variant: str, method: str, size: int, batch: int, remat: bool =
     return c
 
 
-def time_method(variant, method, size, batch, repeats, remat=False, force=False):
-    c = bench_config(variant, method, size, batch, remat)
+def time_method(variant, method, size, batch, repeats, remat=False, force=False, segmentor="encoder_decoder"):
+    c = bench_config(variant, method, size, batch, remat, segmentor)
     mesh = train.make_mesh(c)
     repl, data = NamedSharding(mesh, P()), NamedSharding(mesh, P("data"))
     graphdef, tx, state, imnet = train.build_model_and_state(c, mesh)
@@ -144,12 +154,14 @@ def main():
                     help="variants run with model.remat=True (encoder activations recomputed: memory)")
     ap.add_argument("--out", default="benchmarks/results/train_step")
     ap.add_argument("--methods", default="", help="only these rungs of the ladder (default: all)")
+    ap.add_argument("--segmentor", default="encoder_decoder", choices=("encoder_decoder", "hrda"))
     ap.add_argument("--force", action="store_true",
                     help="run even when XLA's memory estimate exceeds 80%% of RAM (may be killed)")
     args = ap.parse_args()
     result = {"command": " ".join([os.path.basename(sys.executable)] + sys.argv),
               "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-              "machine": machine(), "load_average_start": os.getloadavg(), "size": args.size, "batch_per_domain": args.batch, "variants": {}}
+              "machine": machine(), "load_average_start": os.getloadavg(), "size": args.size,
+              "batch_per_domain": args.batch, "segmentor": args.segmentor, "variants": {}}
     for v in args.variants.split(","):
         methods = LADDER if v in args.ladder_variants.split(",") else ("pipa",)
         if args.methods:
@@ -157,7 +169,7 @@ def main():
         rows = []
         for method in methods:
             r = time_method(v, method, args.size, args.batch, args.repeats, v in args.remat_variants.split(","),
-                            args.force)
+                            args.force, args.segmentor)
             r["remat"] = v in args.remat_variants.split(",")
             print(f"mit_{v} {method}: compile {r['compile_s']:.1f} s, step {r['step_s_median']:.2f} s "
                   f"{r.get('not_run', '')}", flush=True)
@@ -167,11 +179,8 @@ def main():
     result["load_average_end"] = os.getloadavg()
     result["peak_rss_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     result["contrastive_memory"] = contrastive_memory()
-    os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
-    with open(args.out + ".json", "w") as f:
-        json.dump(result, f, indent=2)
-    with open(args.out + ".md", "w") as f:
-        f.write(render(result))
+    _write(args.out + ".json", result)
+    io_lib.write_text_atomic(args.out + ".md", render(result))
     print(render(result))
 
 
@@ -180,7 +189,8 @@ def render(r) -> str:
     lines = [f"# Train step benchmark ({r['date']})", "",
              f"Command: `{r['command']}`  ", f"Machine: {m['cpu']}, {m['nproc']} cores, {m['devices']}, "
              f"jax {m['jax']}, Python {m['python']}  ",
-             f"Step: DAFormer + PiPa, batch {r['batch_per_domain']} + {r['batch_per_domain']}, "
+             f"Step: {'HRDA' if r.get('segmentor') == 'hrda' else 'DAFormer'} + PiPa ladder, batch "
+             f"{r['batch_per_domain']} + {r['batch_per_domain']}, "
              f"{r['size']}x{r['size']} crops, float32. Medians of the repeats in one process.  ",
              f"Load average (1, 5, 15 min) at start {tuple(round(x, 2) for x in r['load_average_start'])}, "
              f"at end {tuple(round(x, 2) for x in r['load_average_end'])}: nothing else ran.", ""]

@@ -61,11 +61,17 @@ def base_config() -> ml_collections.ConfigDict:
     c.data.rcs.min_pixels = 3000         # an image is a candidate for class c if it holds > this many pixels of c
     c.data.rcs.min_crop_ratio = 0.5      # re-crop (<= 10x) until > min_pixels * ratio pixels of c (HRDA: 2.0; 0 = off)
     c.data.crop_size = (512, 512)        # training crop (height, width)
+    # Pseudo-label margins (top, bottom, left, right) on the target frame before crop and flip, in
+    # pixels of the image as delivered (at data.target_size): HRDA / MIC (30, 240, 30, 30) at
+    # 2048x1024. () = none (DAFormer uses the crop margins uda.margin_top / margin_bottom instead).
+    c.data.target_valid_margins = ()
     c.data.image_size = (256, 512)       # synthetic sources: rendered (height, width)
     c.data.num_train = 2000              # synthetic sources: examples per domain (train split)
     c.data.num_val = 100                 # synthetic target: validation examples
     c.data.synthetic_omit_classes = ()   # synthetic sources: class names never drawn (see
                                          # pipa_jax.data.synthetic.OMITTABLE); () = all 19
+    c.data.synthetic_scale = 1.0         # synthetic sources: images resized by this factor after rendering
+                                         # (train labels too; val labels stay full-resolution)
     c.data.flip = True                   # random horizontal flip p=0.5
     c.data.eval_batch_size = 4           # global
     c.data.prefetch = 2                  # batches prepared ahead by host threads
@@ -221,6 +227,8 @@ def validate(c: ml_collections.ConfigDict, num_devices: int) -> None:
         err("term_gate", c.term_gate, "'auto', 'cond' or 'mask'")
     if c.pipa.pixel.enabled and not c.model.pixel_head:
         err("model.pixel_head", False, "True when pipa.pixel.enabled")
+    if c.model.get("segmentor", "encoder_decoder") == "hrda":
+        _validate_hrda(c, err)
     if c.model.require_pretrained and not c.model.pretrained:
         err("model.pretrained", c.model.pretrained,
             f"the ImageNet {c.model.backbone} weights this recipe starts from: convert mit_bX.pth once with "
@@ -241,6 +249,25 @@ def validate(c: ml_collections.ConfigDict, num_devices: int) -> None:
     _validate_data(c.data, err)
     if c.model.num_classes != 19:
         err("model.num_classes", c.model.num_classes, "19 (Cityscapes train ids)")
+
+
+def _validate_hrda(c: ml_collections.ConfigDict, err) -> None:
+    """The crops HRDA cuts must fit what they are cut from (the model checks its own strides)."""
+    hr = tuple(int(v) for v in c.model.hrda.hr_crop_size)
+    crop = tuple(c.data.crop_size)
+    if hr[0] > crop[0] or hr[1] > crop[1]:
+        err("model.hrda.hr_crop_size", hr, f"no larger than the training crop data.crop_size {crop} (HRDA's "
+            f"detail crop is cut from it; HRDA: 512x512 in 1024x1024)")
+    if c.eval.mode == "slide":
+        win = tuple(c.eval.crop_size)
+        if hr[0] > win[0] or hr[1] > win[1]:
+            err("eval.crop_size", win, f"at least model.hrda.hr_crop_size {hr} (each test window runs HRDA's "
+                "detail branch over it)")
+    if c.pipa.patch.enabled:
+        pc = tuple(c.pipa.patch.crop_size)
+        if pc[0] < hr[0] or pc[1] < hr[1]:
+            err("pipa.patch.crop_size", pc, f"at least model.hrda.hr_crop_size {hr} (each patch crop goes through "
+                "HRDA's training forward)")
 
 
 def _validate_data(d: ml_collections.ConfigDict, err) -> None:
@@ -264,6 +291,8 @@ def _validate_data(d: ml_collections.ConfigDict, err) -> None:
             err(f"data.{key}", size, "(long side, short side), two positive integers")
     if not 0 < d.source_cat_max_ratio <= 1:
         err("data.source_cat_max_ratio", d.source_cat_max_ratio, "a value in (0, 1] (1 disables the rule)")
+    if not 0 < float(d.get("synthetic_scale", 1.0)) <= 1:
+        err("data.synthetic_scale", d.synthetic_scale, "a factor in (0, 1] (1: train and test at the rendered size)")
     if int(d.workers) != d.workers or d.workers < 0:
         err("data.workers", d.workers, "an integer >= 0 (0: threads only)")
     if d.rcs.enabled:

@@ -32,9 +32,10 @@ from flax import nnx
 # A leading '/' restarts the key at the checkpoint root: the official patch projector lives in the
 # UDA module beside `model.`, not inside it.
 def _renames():
-    from pipa_jax.models import heads, segmentor
+    from pipa_jax.models import heads, hrda, segmentor
     return {
         segmentor.EncoderDecoder: {"pixel_head": "proj_head", "patch_head": "/"},
+        hrda.HRDA: {"pixel_head": "proj_head", "patch_head": "/"},
         heads.PixelProjectionHead: {"conv1": "proj.0", "bn": "proj.1.0", "conv2": "proj.2"},
         heads.PatchProjectionHead: {"conv1": "project.0", "conv2": "project.2"},
     }
@@ -53,6 +54,7 @@ class LoadReport:
     unexpected: list[str]     # checkpoint keys under the prefix that map to nothing
     mismatched: list[str]     # "key: checkpoint shape -> expected shape"
     allowed_missing: list[str]
+    skipped: list[str] = dataclasses.field(default_factory=list)  # training-only keys the module has no use for
 
     @property
     def ok(self) -> bool:
@@ -66,7 +68,8 @@ class LoadReport:
             return f"\n  {name} ({len(items)}): " + ", ".join(items[:limit]) + more
         return (f"{len(self.loaded)} tensors loaded" + part("missing", self.missing)
                 + part("unexpected", self.unexpected) + part("shape mismatch", self.mismatched)
-                + part("left at init (allowed missing)", self.allowed_missing))
+                + part("left at init (allowed missing)", self.allowed_missing)
+                + part("training-only, not loaded", self.skipped))
 
 
 def official_key(module: nnx.Module, path: tuple) -> str:
@@ -201,9 +204,14 @@ def detect_architecture(keys_shapes: Mapping[str, tuple], prefix: str = "") -> d
                      if v.depths == tuple(depths) and v.embed_dims == tuple(dims)),
                     f"MiT(depths={tuple(depths)}, dims={tuple(dims)})")
     dh = prefix + "decode_head."
-    info = {"backbone": backbone, "decode_head": None, "num_classes": None, "embed_dim": None}
+    info = {"backbone": backbone, "decode_head": None, "num_classes": None, "embed_dim": None,
+            "segmentor": "encoder_decoder"}
     if dh + "head.embed_layers.0.proj.weight" in keys_shapes:
-        info["decode_head"] = "hrda"
+        # HRDA: the DAFormer head under decode_head.head, the scale attention beside it.
+        info.update(segmentor="hrda", decode_head="daformer" if dh + "head.fuse_layer.aspp_modules.0.conv.weight"
+                    in keys_shapes else "unknown", num_classes=keys_shapes[dh + "head.conv_seg.weight"][0],
+                    embed_dim=keys_shapes[dh + "head.embed_layers.0.proj.weight"][0],
+                    attention_classes=keys_shapes.get(dh + "scale_attention.conv_seg.weight", (None,))[0])
     elif dh + "fuse_layer.aspp_modules.0.conv.weight" in keys_shapes:
         info.update(decode_head="daformer", num_classes=keys_shapes[dh + "conv_seg.weight"][0],
                     embed_dim=keys_shapes[dh + "embed_layers.0.proj.weight"][0])
@@ -213,7 +221,11 @@ def detect_architecture(keys_shapes: Mapping[str, tuple], prefix: str = "") -> d
     pix = prefix + "proj_head.proj.2.weight"
     info["pixel_head"] = pix in keys_shapes
     info["pixel_proj_dim"] = keys_shapes[pix][0] if pix in keys_shapes else None
-    info["patch_head"] = "project.2.weight" in keys_shapes
+    # PiPa's patch projector sits at the checkpoint root. PiPa-DAFormer's reads the decoder's fused
+    # map (embed_dim channels), as pipa_jax's patch head does; PiPa-HRDA's reads the teacher's 19
+    # logits, which no pipa_jax head does (its keys are then training-only extras).
+    proj_in = keys_shapes.get("project.0.weight", (None, None))[1]
+    info["patch_head"] = "project.2.weight" in keys_shapes and proj_in == info["embed_dim"]
     info["patch_proj_dim"] = keys_shapes["project.2.weight"][0] if info["patch_head"] else None
     return info
 
@@ -226,23 +238,38 @@ def describe_checkpoint(keys_shapes: Mapping[str, tuple]) -> str:
         info = detect_architecture(keys_shapes, root)
         if info:
             head = f" + {info['decode_head']} head" if info["decode_head"] else ""
+            if info.get("segmentor") == "hrda":
+                head = f" + HRDA ({info['decode_head']} head + scale attention)"
             parts.append(f"{root or '(root) '}{info['backbone']}{head}")
     found = "; ".join(parts) if parts else "no MiT backbone recognised"
     return f"{found}; top-level key prefixes: {', '.join(prefixes[:8])}"
 
 
 def _ignored(rel_key: str, expected_keys: set[str]) -> bool:
-    """Official keys with no counterpart here, skipped on purpose (key relative to the prefix)."""
+    """Official keys with no counterpart here and no use to anyone, skipped silently (key
+    relative to the prefix)."""
     if rel_key.endswith("num_batches_tracked"):
         return True
-    # mit_b*.pth's ImageNet classifier; PiPa's auxiliary cls_head, never used for predictions.
-    if re.match(r"^(backbone\.)?head\.", rel_key) or rel_key.startswith("cls_head."):
+    # mit_b*.pth's ImageNet classifier.
+    if re.match(r"^(backbone\.)?head\.", rel_key):
         return True
     # mmseg's BaseDecodeHead always builds conv_seg; SegFormerHead predicts with linear_pred.
     m = re.match(r"^(.*?)conv_seg\.(weight|bias)$", rel_key)
     if m and m.group(1) + "linear_pred.weight" in expected_keys:
         return True
     return False
+
+
+# Training-only parts of official PiPa checkpoints that a module may not have: the auxiliary
+# cls_head (never trained by a loss), the pixel projector `proj_head` (a model built without
+# PiPa's heads), and the root-level CAC projector / classifier of PiPa-HRDA (on 19-channel logits).
+# They are reported in LoadReport.skipped, not errors.
+_TRAINING_ONLY = (re.compile(r"^cls_head\."), re.compile(r"^proj_head\."))
+_TRAINING_ONLY_ROOT = (re.compile(r"^project\."), re.compile(r"^classifier\."))
+
+
+def _training_only(rel_key: str, root_key: str) -> bool:
+    return any(p.match(rel_key) for p in _TRAINING_ONLY) or any(p.match(root_key) for p in _TRAINING_ONLY_ROOT)
 
 
 def load_torch_weights(module: nnx.Module, source, *, prefix: str = "", strict: bool = True,
@@ -294,11 +321,11 @@ def load_torch_weights(module: nnx.Module, source, *, prefix: str = "", strict: 
             continue
         new_flat.append((path, var.replace(jnp.array(arr, dtype=target.dtype, copy=True))))
         loaded.append(full)
-    unexpected = sorted(
-        k for k in ckpt
-        if k.startswith(prefix) and k not in expected and not _ignored(k[len(prefix):], expected_rel)
-    )
-    report = LoadReport(loaded, sorted(missing), unexpected, mismatched, sorted(allowed))
+    leftover = [k for k in ckpt if k not in expected and (k.startswith(prefix) or _training_only("", k))
+                and not _ignored(k[len(prefix):] if k.startswith(prefix) else k, expected_rel)]
+    skipped = sorted(k for k in leftover if _training_only(k[len(prefix):] if k.startswith(prefix) else "", k))
+    unexpected = sorted(k for k in leftover if k.startswith(prefix) and k not in skipped)
+    report = LoadReport(loaded, sorted(missing), unexpected, mismatched, sorted(allowed), skipped)
     if not report.ok:
         shapes = {k: tuple(v.shape) for k, v in ckpt.items()}
         hint = (f"\n  the checkpoint holds: {describe_checkpoint(shapes)}"
@@ -318,7 +345,8 @@ def load_torch_weights(module: nnx.Module, source, *, prefix: str = "", strict: 
 def _describe_module(module) -> str:
     bb = getattr(module, "backbone", module)
     dims, depths = getattr(bb, "embed_dims", None), getattr(bb, "depths", None)
-    return f" (MiT dims={dims}, depths={depths})" if dims else ""
+    kind = " HRDA" if type(module).__name__ == "HRDA" else ""
+    return f"{kind} (MiT dims={dims}, depths={depths})" if dims else ""
 
 
 def export_torch_state_dict(module: nnx.Module, prefix: str = "") -> dict[str, np.ndarray]:

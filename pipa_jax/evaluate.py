@@ -186,7 +186,8 @@ def load_run_model(workdir: str, which: str = "student") -> tuple[LoadedModel, m
     except (ValueError, KeyError, TypeError, FileNotFoundError) as e:
         raise ModelLoadError(
             f"the checkpoint {path} does not hold the model described by {workdir}/config.json "
-            f"({run_config.model.backbone}, {run_config.model.decode_head} head): {type(e).__name__}: "
+            f"({run_config.model.get('segmentor', 'encoder_decoder')}: {run_config.model.backbone}, "
+            f"{run_config.model.decode_head} head): {type(e).__name__}: "
             f"{str(e)[:700]}. Was config.json replaced or the workdir reused for another model? "
             "Evaluate with the run's own config.json, or convert the weights into a model directory "
             "and pass --checkpoint") from e
@@ -306,7 +307,8 @@ def evaluate_model(loaded: LoadedModel, c: ml_collections.ConfigDict, *, predict
         "subsets": {name: (list(ids) if ids is not None else list(range(NUM_CLASSES)))
                     for name, ids in subsets.items()},
         "model": dict(loaded.origin, backbone=str(loaded.config.backbone),
-                      decode_head=str(loaded.config.decode_head)),
+                      decode_head=str(loaded.config.decode_head),
+                      segmentor=str(loaded.config.get("segmentor", "encoder_decoder"))),
         "data": {"target": str(c.data.target), "split": "val"},
         "inference": {"mode": settings.mode, "crop_size": list(settings.crop_size),
                       "stride": list(settings.stride), "batch_size": batch_size},

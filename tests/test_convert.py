@@ -1,7 +1,6 @@
 """Official-format checkpoint files -> pipa_jax: full mmcv checkpoints, the convert CLI and
 every bad input (truncated file, wrong architecture, wrong prefix, pickled code)."""
 import json
-import os
 
 import jax
 import jax.numpy as jnp
@@ -137,7 +136,7 @@ def test_pickled_code_is_refused(tmp_path):
         convert.read_checkpoint(str(path))
 
 
-def test_hrda_checkpoint_parts_and_cli_message(tmp_path):
+def test_hrda_checkpoint_parts_and_the_converter(tmp_path):
     enc = MixVisionTransformer("b0", rngs=nnx.Rngs(0))
     head = DAFormerHead(enc.embed_dims, 19, 32, rngs=nnx.Rngs(1))
     att = DAFormerHead(enc.embed_dims, 19, 32, fusion="conv", rngs=nnx.Rngs(2))
@@ -147,8 +146,9 @@ def test_hrda_checkpoint_parts_and_cli_message(tmp_path):
     att2 = DAFormerHead(enc.embed_dims, 19, 32, fusion="conv", rngs=nnx.Rngs(3))
     assert convert.load_torch_weights(att2, sd, prefix="model.decode_head.scale_attention.").ok
     assert params_equal(att2, att)
+    # The whole .pth converts into an HRDA model directory (tests/test_hrda.py checks every tensor).
     path = tmp_path / "hrda.pth"
     torch.save({"state_dict": tensors(sd)}, path)
-    with pytest.raises(convert.CheckpointError, match="HRDA"):
-        convert_checkpoint.convert_file(str(path), str(tmp_path / "out"))
-    assert not os.path.exists(tmp_path / "out")
+    summary = convert_checkpoint.convert_file(str(path), str(tmp_path / "out"))
+    assert summary["config"]["segmentor"] == "hrda" and summary["config"]["embed_dim"] == 32
+    assert params_equal(model_io.load_model(str(tmp_path / "out")).decode_head.scale_attention, att)

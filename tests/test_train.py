@@ -25,7 +25,9 @@ from pipa_jax.data import pipeline
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG = os.path.join(ROOT, "configs", "synthetic.py")
-OVERRIDES = {"total_steps": 8, "checkpoint_every": 2, "log_every": 2}
+# The patch term starts at step 1, so that the 1-device and 8-device steps of test_train_step.py
+# (which also test its start-step gate) are the very programs these runs compile (one shared cache).
+OVERRIDES = {"total_steps": 8, "checkpoint_every": 2, "log_every": 2, "pipa.patch.start_step": 1}
 
 
 def load_config(arg="method=pipa,tiny"):
@@ -37,7 +39,12 @@ def load_config(arg="method=pipa,tiny"):
 
 def tiny_config(xla_cache_dir, arg="method=pipa,tiny"):
     c = load_config(arg)
-    c.update(OVERRIDES)
+    for key, value in OVERRIDES.items():
+        *groups, leaf = key.split(".")
+        node = c
+        for g in groups:
+            node = node[g]
+        node[leaf] = value
     c.compilation_cache_dir = xla_cache_dir
     return c
 

@@ -17,18 +17,31 @@ from pipa_jax.optim import learning_rate_schedule
 from test_train import load_config, tiny_config
 
 
-def test_one_device_equals_eight_and_no_retrace(xla_cache_dir):
+def gate_config(xla_cache_dir):
+    """The tiny PiPa config of test_train.py, whose patch term starts at step 1: the 8-device step
+    is the CLI runs' program there and the 1-device 'mask' step is shared by the two tests below."""
     c = tiny_config(xla_cache_dir)
+    assert c.pipa.patch.start_step == 1
+    return c
+
+
+def jitted_step(c, n):
+    """(state, jitted step, imnet params, data sharding) on a mesh of n devices, jitted as the trainer does."""
+    c.mesh_shape = n
+    mesh = train.make_mesh(c)
+    repl, data = NamedSharding(mesh, P()), NamedSharding(mesh, P("data"))
+    graphdef, tx, state, imnet = train.build_model_and_state(c, mesh)
+    train_step = step_lib.make_train_step(c, graphdef, tx, imnet[0])
+    jitted = jax.jit(train_step, in_shardings=(repl, data, repl), out_shardings=(repl, repl), donate_argnums=0)
+    return state, jitted, jax.device_put(imnet[1], repl), data
+
+
+def test_one_device_equals_eight_and_no_retrace(xla_cache_dir):
+    c = gate_config(xla_cache_dir)
     batches = [next(pipeline.train_iterator(c, i)) for i in range(3)]
     results = {}
     for n in (1, 8):
-        c.mesh_shape = n
-        mesh = train.make_mesh(c)
-        repl, data = NamedSharding(mesh, P()), NamedSharding(mesh, P("data"))
-        graphdef, tx, state, imnet = train.build_model_and_state(c, mesh)
-        train_step = step_lib.make_train_step(c, graphdef, tx, imnet[0])
-        jitted = jax.jit(train_step, in_shardings=(repl, data, repl), out_shardings=(repl, repl), donate_argnums=0)
-        imnet_params = jax.device_put(imnet[1], repl)
+        state, jitted, imnet_params, data = jitted_step(c, n)
         metrics = []
         for b in batches:
             b = {k: jax.make_array_from_process_local_data(data, v) for k, v in b.items()}
@@ -58,19 +71,15 @@ def test_patch_gate_mask_equals_cond(xla_cache_dir):
     """The patch term switched on at start_step by lax.cond (GPU/TPU) or by masking (CPU's
     default, where a conditional's branch runs far slower): the same losses, bank and updates,
     with the term and the bank idle before the start step."""
-    c = tiny_config(xla_cache_dir)
-    c.mesh_shape = 1
-    c.pipa.patch.start_step = 1
+    c = gate_config(xla_cache_dir)
     batches = [next(pipeline.train_iterator(c, i)) for i in range(2)]
     results = {}
-    for gate in ("cond", "mask"):
+    for gate in ("cond", "mask"):      # 'mask' (CPU's 'auto') is the program of the test above
         c.term_gate = gate
-        mesh = train.make_mesh(c)
-        graphdef, tx, state, imnet = train.build_model_and_state(c, mesh)
-        jitted = jax.jit(step_lib.make_train_step(c, graphdef, tx, imnet[0]))
+        state, jitted, imnet_params, data = jitted_step(c, 1)
         states, metrics = [], []
         for b in batches:
-            state, m = jitted(state, b, imnet[1])
+            state, m = jitted(state, {k: jax.device_put(v, data) for k, v in b.items()}, imnet_params)
             states.append(jax.device_get(state))
             metrics.append(jax.device_get(m))
         results[gate] = (states, metrics)

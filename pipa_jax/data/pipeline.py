@@ -21,7 +21,8 @@ import numpy as np
 from pipa_jax import labels as L
 from pipa_jax.data import sources
 from pipa_jax.data.synthetic import SyntheticSource
-from pipa_jax.data.transforms import RandomCropFlip, RareClassSampling
+from pipa_jax.data import transforms
+from pipa_jax.data.transforms import RandomCropFlip, RareClassSampling, ValidMargins
 
 SYNTHETIC = ("synthetic_source", "synthetic_target")
 REAL = ("gta", "synthia", "cityscapes")   # GTA5 / SYNTHIA: source domain; Cityscapes: target
@@ -46,8 +47,10 @@ def make_source(name: str, split: str, c: ml_collections.ConfigDict):
     if name in SYNTHETIC:
         h, w = c.data.image_size
         n = c.data.num_train if split == "train" else c.data.num_val
-        return SyntheticSource(name.split("_")[1], split, n, h, w, seed=c.seed,
-                               omit_classes=tuple(c.data.synthetic_omit_classes))
+        src = SyntheticSource(name.split("_")[1], split, n, h, w, seed=c.seed,
+                              omit_classes=tuple(c.data.synthetic_omit_classes))
+        scale = float(c.data.get("synthetic_scale", 1.0))
+        return src if scale == 1.0 else ScaledSource(src, scale, scale_labels=split == "train")
     if name in REAL:
         full_res_label = name == "cityscapes" and split == "val"
         size = source_size(name, c)
@@ -67,10 +70,44 @@ def make_source(name: str, split: str, c: ml_collections.ConfigDict):
     raise ValueError(f"unknown data source {name!r}; expected one of {SYNTHETIC + REAL}")
 
 
+class ScaledSource:
+    """A source whose images are resized by `scale` (bilinear, as the real datasets' keep-ratio
+    resize) and, when `scale_labels`, its labels too (nearest); validation keeps full-resolution
+    labels, so the evaluator upsamples logits to them (the Cityscapes protocol). Used by the
+    synthetic pair to train and test a model at a lower resolution than the scenes are rendered
+    (data.synthetic_scale). Class statistics (RCS) stay those of the full-resolution labels."""
+
+    def __init__(self, source, scale: float, *, scale_labels: bool):
+        self.source, self.scale, self.scale_labels = source, float(scale), bool(scale_labels)
+
+    def __len__(self):
+        return len(self.source)
+
+    def _size(self, hw):
+        return max(1, round(hw[0] * self.scale)), max(1, round(hw[1] * self.scale))
+
+    def __getitem__(self, index):
+        ex = dict(self.source[index])
+        size = self._size(ex["image"].shape[:2])
+        ex["image"] = transforms.resize_bilinear(ex["image"], size)
+        if self.scale_labels:
+            ex["label"] = transforms.resize_nearest(ex["label"], size)
+        return ex
+
+    def class_stats(self):
+        return self.source.class_stats()
+
+    def __repr__(self):
+        return f"ScaledSource({self.source!r}, scale={self.scale}, scale_labels={self.scale_labels})"
+
+
 def _combine(pair):
     src, tgt = pair
-    return {"source_image": src["image"], "source_label": src["label"],
-            "target_image": tgt["image"], "target_label": tgt["label"]}
+    out = {"source_image": src["image"], "source_label": src["label"],
+           "target_image": tgt["image"], "target_label": tgt["label"]}
+    if "valid" in tgt:  # HRDA / MIC pseudo-label margins of the target frame (uint8 [H, W])
+        out["target_valid"] = tgt["valid"]
+    return out
 
 
 def source_dataset(c: ml_collections.ConfigDict) -> grain.MapDataset:
@@ -93,6 +130,9 @@ def target_dataset(c: ml_collections.ConfigDict) -> grain.MapDataset:
     """Infinite target-domain stream: shuffled epochs, unconstrained crops."""
     crop = RandomCropFlip(tuple(c.data.crop_size), c.data.flip)
     tgt = grain.MapDataset.source(make_source(c.data.target, "train", c)).seed(c.seed + 1)
+    margins = tuple(c.data.get("target_valid_margins", ()))
+    if margins:
+        tgt = tgt.map(ValidMargins(margins))
     return tgt.shuffle().repeat(None).random_map(crop)
 
 

@@ -73,13 +73,37 @@ def crop_passes_class_rule(label: np.ndarray, cat_max_ratio: float) -> bool:
 
 
 @dataclasses.dataclass(frozen=True)
+class ValidMargins:
+    """Adds ex['valid'] (uint8 [H, W]: 1 inside, 0 on the margins) to an example: HRDA's and MIC's
+    pseudo-label margins (top, bottom, left, right) in pixels of the image as the source delivers it
+    (Cityscapes at data.target_size; (30, 240, 30, 30) at 2048x1024), made before the crop and the
+    flip so that they follow the frame (docs/method.md §3.5)."""
+    margins: tuple[int, int, int, int]
+
+    def __post_init__(self):
+        if len(self.margins) != 4 or any(int(m) != m or m < 0 for m in self.margins):
+            raise ValueError(f"data.target_valid_margins = {self.margins!r}: expected (top, bottom, left, right) "
+                             "pixel counts >= 0")
+
+    def __call__(self, ex):
+        top, bottom, left, right = (int(m) for m in self.margins)
+        h, w = ex["label"].shape[:2]
+        if top + bottom >= h or left + right >= w:
+            raise ValueError(f"data.target_valid_margins = {self.margins} leave nothing of a {h}x{w} target image")
+        valid = np.zeros((h, w), np.uint8)
+        valid[top:h - bottom, left:w - right] = 1
+        return dict(ex, valid=valid)
+
+
+@dataclasses.dataclass(frozen=True)
 class RandomCropFlip:
     """Random crop to `crop_hw` (zero / 255 padding at the bottom / right when smaller) and a
     horizontal flip with p=0.5.
 
     With `cat_max_ratio` < 1 (the source domain: 0.75) a crop is redrawn up to `max_tries` times
     until it passes `crop_passes_class_rule`; as in mmseg's RandomCrop, a crop drawn after the
-    last failed check is kept unchecked.
+    last failed check is kept unchecked. An example's 'valid' mask (ValidMargins), if any, is
+    cropped, padded (with 0) and flipped with the image.
     """
     crop_hw: tuple[int, int]
     flip: bool = True
@@ -87,13 +111,15 @@ class RandomCropFlip:
     max_tries: int = 10
 
     def __call__(self, ex, rng: np.random.Generator):
-        img, lab = ex["image"], ex["label"]
+        img, lab, valid = ex["image"], ex["label"], ex.get("valid")
         ch, cw = self.crop_hw
         h, w = lab.shape
         if h < ch or w < cw:
             ph, pw = max(ch - h, 0), max(cw - w, 0)
             img = np.pad(img, ((0, ph), (0, pw), (0, 0)))
             lab = np.pad(lab, ((0, ph), (0, pw)), constant_values=L.IGNORE_INDEX)
+            if valid is not None:
+                valid = np.pad(valid, ((0, ph), (0, pw)))
             h, w = lab.shape
         y = int(rng.integers(0, h - ch + 1))
         x = int(rng.integers(0, w - cw + 1))
@@ -104,9 +130,14 @@ class RandomCropFlip:
                 y = int(rng.integers(0, h - ch + 1))
                 x = int(rng.integers(0, w - cw + 1))
         img, lab = img[y:y + ch, x:x + cw], lab[y:y + ch, x:x + cw]
+        valid = valid[y:y + ch, x:x + cw] if valid is not None else None
         if self.flip and rng.random() < 0.5:
             img, lab = img[:, ::-1], lab[:, ::-1]
-        return {"image": np.ascontiguousarray(img), "label": np.ascontiguousarray(lab)}
+            valid = valid[:, ::-1] if valid is not None else None
+        out = {"image": np.ascontiguousarray(img), "label": np.ascontiguousarray(lab)}
+        if valid is not None:
+            out["valid"] = np.ascontiguousarray(valid)
+        return out
 
 
 def rcs_class_probs(counts: np.ndarray, temperature: float, min_pixels: int):

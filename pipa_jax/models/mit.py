@@ -84,6 +84,11 @@ class Attention(nnx.Module):
 
     def __call__(self, x):  # x: [B, h, w, C]
         b, h, w, c = x.shape
+        if self.sr_ratio > 1 and (h < self.sr_ratio or w < self.sr_ratio):
+            raise ValueError(
+                f"MiT attention with spatial reduction {self.sr_ratio} got a {h}x{w} map, which reduces to no "
+                f"keys: the encoder input must be at least 29x29 pixels (stage 1 at stride 4 needs 8x8); HRDA's "
+                f"context view is half the crop, so its crops (data.crop_size, pipa.patch.crop_size) need >= 64")
         heads, hd = self.num_heads, c // self.num_heads
         q = self.q(x).reshape(b, h * w, heads, hd)
         src = self.norm(self.sr(x)) if self.sr_ratio > 1 else x

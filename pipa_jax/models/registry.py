@@ -66,7 +66,7 @@ def _populate() -> None:
     if _POPULATED:
         return
     _POPULATED = True
-    from pipa_jax.models import heads, mit, segmentor
+    from pipa_jax.models import heads, hrda, mit, segmentor
 
     for variant in mit.MIT_VARIANTS:
         register_backbone(f"mit_{variant}", lambda config, *, v=variant, **kw: mit.MixVisionTransformer(
@@ -76,3 +76,4 @@ def _populate() -> None:
     register_head("segformer", lambda config, dims, **kw: heads.SegFormerHead(
         dims, config.num_classes, config.embed_dim, dropout=config.dropout, **kw), output_stride=4)
     register_segmentor("encoder_decoder", segmentor.EncoderDecoder)
+    register_segmentor("hrda", hrda.HRDA)

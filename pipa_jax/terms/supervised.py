@@ -6,7 +6,9 @@ from __future__ import annotations
 from pipa_jax.terms.base import Term, TermOut, register_term
 
 
-def _supervised(view_name: str):
+def supervised_loss_of(view_name: str):
+    """A term function: the segmentor's supervised loss of the view `view_name` (its labels and
+    pixel weights)."""
     def fn(ctx, state):
         v = ctx.get(view_name)
         return TermOut(ctx.model.supervised_loss(v.out, v.labels, v.weight))
@@ -15,18 +17,18 @@ def _supervised(view_name: str):
 
 @register_term("source_ce")
 def source_ce(config):
-    return Term("source_ce", _supervised("source"), needs=("source",))
+    return Term("source_ce", supervised_loss_of("source"), needs=("source",))
 
 
 @register_term("target_ce")
 def target_ce(config):
     if not config.uda.target_supervised:
         return None
-    return Term("target_ce", _supervised("target"), needs=("target",))
+    return Term("target_ce", supervised_loss_of("target"), needs=("target",))
 
 
 @register_term("mix_ce")
 def mix_ce(config):
     if not config.uda.self_training:
         return None
-    return Term("mix_ce", _supervised("mixed"), needs=("mixed",))
+    return Term("mix_ce", supervised_loss_of("mixed"), needs=("mixed",))
