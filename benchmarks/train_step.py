@@ -9,7 +9,9 @@ Stage split: the step is built for a ladder of methods that each add one stage
 (source_only -> dacs -> daformer -> pixel_only -> pipa) and the medians are differenced:
   source forward/backward + AdamW | + EMA teacher forward, ClassMix, strong augmentation and
   the mixed forward/backward | + frozen ImageNet encoder forward and feature distance |
-  + pixel head and pixel contrast | + two overlapping crops through the student and patch contrast.
+  + pixel head and pixel contrast | + two overlapping crops through the student and patch contrast |
+  + MIC's augmented, block-masked target through the student (the rung 'pipa_mic'; 'mic' alone is
+  DAFormer + MIC). MIC's blocks are 1/16 of the crop side (64 for 1024, 32 for 512, as the recipes).
 The patch term runs from step 0 here (start_step = 0) so that it is timed. With --segmentor hrda
 every rung runs on the HRDA segmentor (docs/method.md §6): detail crop = half the crop, detail
 windows every quarter crop in the teacher's inference, patch crops 3/4 of the crop; 'daformer' is
@@ -38,13 +40,15 @@ from pipa_jax import config as config_lib
 from pipa_jax import io as io_lib
 from pipa_jax import losses, step as step_lib, train
 
-LADDER = ("source_only", "dacs", "daformer", "pixel_only", "pipa")
+LADDER = ("source_only", "dacs", "daformer", "pixel_only", "pipa", "pipa_mic")
 STAGE_NAMES = {
     "source_only": "source fwd+bwd, AdamW",
     "dacs": "+ teacher fwd, ClassMix, augmentation, mixed fwd+bwd",
     "daformer": "+ ImageNet encoder fwd, feature distance",
     "pixel_only": "+ pixel head, pixel contrast",
     "pipa": "+ 2 crops fwd+bwd, patch contrast",
+    "pipa_mic": "+ MIC: augmented, block-masked target fwd+bwd",
+    "mic": "DAFormer + MIC (no pixel / patch terms)",
 }
 
 
@@ -64,6 +68,7 @@ def bench_config(variant: str, method: str, size: int, batch: int, remat: bool =
     c.data.image_size = (size, size)
     c.pipa.patch.crop_size = (size * 3 // 4 // 32 * 32,) * 2
     c.pipa.patch.start_step = 0
+    c.mic.block_size = size // 16
     c.mesh_shape = -1
     c.compilation_cache_dir = ""
     return c
@@ -164,8 +169,11 @@ def main():
               "batch_per_domain": args.batch, "segmentor": args.segmentor, "variants": {}}
     for v in args.variants.split(","):
         methods = LADDER if v in args.ladder_variants.split(",") else ("pipa",)
-        if args.methods:
-            methods = [m for m in methods if m in args.methods.split(",")]
+        if args.methods:  # any rungs (STAGE_NAMES), in the order given
+            methods = [m for m in args.methods.split(",") if m]
+            unknown = sorted(set(methods) - set(STAGE_NAMES))
+            if unknown:
+                raise SystemExit(f"unknown methods {unknown}; expected some of {', '.join(STAGE_NAMES)}")
         rows = []
         for method in methods:
             r = time_method(v, method, args.size, args.batch, args.repeats, v in args.remat_variants.split(","),

@@ -12,6 +12,9 @@ Variants (comma-separated after the colon, e.g. configs/gta2cs.py:method=daforme
   method=pipa         DAFormer + pixel + patch contrast (default): 60k steps (PiPa's released configs)
   method=daformer     DAFormer (self-training, ClassMix, FD, RCS): 40k steps
   method=source_only  supervised on GTA5 only, no RCS (the lower bound): 40k steps
+  method=mic          MIC(DAFormer): DAFormer + masked image consistency on the target (blocks of
+                      32 at this half resolution, 70 % masked, weight 1): 40k steps
+  method=pipa_mic     PiPa + MIC: both contrastive terms and the masked term: 60k steps, res 640
   (also dacs, pixel_only, patch_only, oracle; see pipa_jax.config.METHODS)
   res=640|512         training / test resolution (below); default 640 for pipa, 512 otherwise
   smoke               a few steps of a tiny MiT-b0 at 64x64 crops on small images, with RCS
@@ -48,7 +51,7 @@ test size, logits bilinearly upsampled to the full 2048x1024 ground truth, one c
 from pipa_jax import config as config_lib
 
 # Shared by configs/synthia2cs.py (which loads this file).
-STEPS = {"pipa": 60000, "pixel_only": 60000, "patch_only": 60000}   # PiPa's released configs
+STEPS = {"pipa": 60000, "pixel_only": 60000, "patch_only": 60000, "pipa_mic": 60000}   # PiPa's released configs
 DEFAULT_STEPS = 40000                                               # DAFormer / DACS / baselines
 RESOLUTIONS = {
     # res: (target keep-ratio size (long, short), crop (h, w), patch-contrast crop (h, w))
@@ -61,7 +64,7 @@ def build(source: str, source_size: tuple, arg: str, default_res_pipa: int, rcs_
     """The recipe for `source` ('gta' or 'synthia') -> Cityscapes; `arg` holds the variants."""
     opts = config_lib.parse_options(arg, method="pipa", res=0, smoke=False)
     method = opts.method
-    pipa_like = method in ("pipa", "pixel_only", "patch_only")
+    pipa_like = method in ("pipa", "pixel_only", "patch_only", "pipa_mic")
     res = opts.res or (default_res_pipa if pipa_like else 512)
     if res not in RESOLUTIONS:
         raise ValueError(f"res={res}: expected one of {sorted(RESOLUTIONS)}")
@@ -120,6 +123,8 @@ def build(source: str, source_size: tuple, arg: str, default_res_pipa: int, rcs_
     c.pipa.patch.weight = 0.1
     c.pipa.patch.start_step = 10000
     c.pipa.patch.crop_size = patch_crop
+    c.mic.block_size = 32                     # MIC(DAFormer): blocks of 32 at half resolution
+    c.mic.mask_ratio = 0.7
     config_lib.apply_method(c, method)
 
     if opts.smoke:
@@ -151,6 +156,7 @@ def build(source: str, source_size: tuple, arg: str, default_res_pipa: int, rcs_
         c.pipa.patch.bank_cells = 16
         c.pipa.pixel.min_pixels = 4
         c.pipa.pixel.max_samples = 64
+        c.mic.block_size = 4
         c.compilation_cache_dir = ""
     return c
 

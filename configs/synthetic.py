@@ -2,8 +2,11 @@
 
   python -m pipa_jax.main --config configs/synthetic.py --workdir runs/demo
   python -m pipa_jax.main --config configs/synthetic.py:method=source_only --workdir runs/src
-Variants: method=source_only|dacs|daformer|pipa|pixel_only|patch_only|oracle; `tiny` (a few
-steps at 64x64, used by the tests), e.g. configs/synthetic.py:method=pipa,tiny
+Variants: method=source_only|dacs|daformer|pipa|pixel_only|patch_only|oracle|mic|pipa_mic; `tiny` (a
+few steps at 64x64, used by the tests), e.g. configs/synthetic.py:method=pipa,tiny
+(mic: DAFormer + MIC's masked target term; pipa_mic: PiPa + MIC, both contrastive terms and the
+masked one; MIC's blocks are 6x6 here: 16 blocks across the 96x96 crop, as 32 across MIC(DAFormer)'s
+512 crops.)
 """
 from pipa_jax import config as config_lib
 
@@ -54,6 +57,7 @@ def get_config(arg: str = ""):
     c.pipa.patch.crop_size = (64, 64)
     c.pipa.patch.start_step = 300
     c.pipa.patch.bank_cells = 256
+    c.mic.block_size = 6
     config_lib.apply_method(c, opts.method)
     if opts.tiny:
         c.data.image_size = (64, 64)
@@ -61,6 +65,7 @@ def get_config(arg: str = ""):
         c.pipa.patch.crop_size = (32, 32)
         c.pipa.patch.start_step = 0
         c.pipa.patch.bank_cells = 16
+        c.mic.block_size = 4
         c.pipa.pixel.min_pixels = 4
         c.pipa.pixel.max_samples = 64
         c.data.num_train = 16

@@ -1,8 +1,8 @@
 """HRDA and HRDA + PiPa on a higher-resolution synthetic domain pair (no downloads).
 
   python -m pipa_jax.main --config configs/synthetic_hrda.py:method=pipa --workdir runs/demo_hrda
-Variants: method=source_only|hrda|pipa|oracle|daformer, and `tiny` (a few steps at 64x64 crops,
-used by the tests), e.g. configs/synthetic_hrda.py:method=pipa,tiny
+Variants: method=source_only|hrda|pipa|oracle|daformer|mic|pipa_mic, and `tiny` (a few steps at
+64x64 crops, used by the tests), e.g. configs/synthetic_hrda.py:method=pipa,tiny
 
 The scenes of configs/synthetic.py rendered at twice its resolution (192x384), where thin poles,
 traffic lights and signs, and distant people are a few pixels wide and a half-resolution model
@@ -14,6 +14,8 @@ loses them. Traffic lights and signs are drawn here (configs/synthetic.py leaves
   scenes resized to 96x192 (half resolution) and 96x192 crops (HRDA: 96x96 context + 96x96 detail),
   tested on the 96x192 images with logits upsampled to the 192x384 labels (the DAFormer protocol
   on Cityscapes, 1024x512 against 2048x1024 labels).
+- mic / pipa_mic: MIC(HRDA) and HRDA + PiPa + MIC; MIC's blocks are 12x12 at full resolution (16
+  across the 192x192 crop, as 64 across MIC(HRDA)'s 1024 crops).
 Everything else is the embedded default's (configs/synthetic.py): 2 + 2 images a step, 1000 steps,
 random initialisation, EMA 0.99, RCS (min crop ratio 2.0 for HRDA, as the recipe).
 """
@@ -29,7 +31,8 @@ _spec.loader.exec_module(_synthetic)
 
 # method -> the framework method (config.apply_method) and whether the HRDA segmentor is used
 METHODS = {"source_only": ("source_only", True), "hrda": ("daformer", True), "pipa": ("pipa", True),
-           "oracle": ("oracle", True), "daformer": ("daformer", False)}
+           "oracle": ("oracle", True), "daformer": ("daformer", False), "mic": ("mic", True),
+           "pipa_mic": ("pipa_mic", True)}
 
 
 def get_config(arg: str = ""):
@@ -52,6 +55,7 @@ def get_config(arg: str = ""):
         c.eval.crop_size = (192, 192)
         c.eval.stride = (96, 96)
         c.pipa.patch.crop_size = (128, 128)
+        c.mic.block_size = 12
     else:
         c.data.synthetic_scale = 0.5
         c.data.crop_size = (96, 192)
@@ -65,4 +69,5 @@ def get_config(arg: str = ""):
         c.eval.crop_size = (64, 64)
         c.eval.stride = (32, 32)
         c.pipa.patch.crop_size = (64, 64)       # HRDA's context view of it (32x32) is MiT's smallest input
+        c.mic.block_size = 4
     return c

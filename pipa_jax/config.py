@@ -13,7 +13,7 @@ import ml_collections
 
 from pipa_jax.models import default_model_config
 
-METHODS = ("source_only", "dacs", "daformer", "pipa", "pixel_only", "patch_only", "oracle")
+METHODS = ("source_only", "dacs", "daformer", "pipa", "pixel_only", "patch_only", "oracle", "mic", "pipa_mic")
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -139,6 +139,17 @@ def base_config() -> ml_collections.ConfigDict:
     c.pipa.patch.chunk_size = 256
 
     # What a finished run leaves for a person: iou_table.md and predictions.png (pipa_jax.report).
+    # MIC: masked image consistency on the target (pipa_jax.terms.mic, docs/method.md §7). Every
+    # switch of the official ablations is a field.
+    c.mic = ml_collections.ConfigDict()
+    c.mic.enabled = False
+    c.mic.weight = 1.0                   # lambda of the masked term
+    c.mic.mask_ratio = 0.7               # share of masked blocks, in [0, 1)
+    c.mic.block_size = 64                # pixels per block side: 64 at HRDA's full resolution, 32 for
+                                         # DAFormer's half resolution; must divide the training crop
+    c.mic.color_augment = True           # DACS colour jitter + blur before masking ('separatetrgaug')
+    c.mic.pseudo_weight = True           # False: weight 1 on every pixel of the masked view
+
     c.report = ml_collections.ConfigDict()
     c.report.grid_images = 6             # target val images in predictions.png (0: no picture)
     c.report.tile_width = 256            # pixels per picture column
@@ -152,10 +163,11 @@ def apply_method(c: ml_collections.ConfigDict, method: str) -> ml_collections.Co
         raise ValueError(f"unknown method {method!r}; expected one of {', '.join(METHODS)}")
     st = method not in ("source_only", "oracle")
     c.uda.self_training = st
-    c.uda.fd = method in ("daformer", "pipa", "pixel_only", "patch_only")
+    c.uda.fd = method in ("daformer", "pipa", "pixel_only", "patch_only", "mic", "pipa_mic")
     c.uda.target_supervised = method == "oracle"
-    c.pipa.pixel.enabled = method in ("pipa", "pixel_only")
-    c.pipa.patch.enabled = method in ("pipa", "patch_only")
+    c.pipa.pixel.enabled = method in ("pipa", "pixel_only", "pipa_mic")
+    c.pipa.patch.enabled = method in ("pipa", "patch_only", "pipa_mic")
+    c.mic.enabled = method in ("mic", "pipa_mic")
     c.model.pixel_head = c.pipa.pixel.enabled
     c.model.patch_head = c.pipa.patch.enabled
     return c
@@ -225,6 +237,8 @@ def validate(c: ml_collections.ConfigDict, num_devices: int) -> None:
             err("pipa.patch.enabled", True, "False when uda.self_training is False (it needs the mixed image)")
     if c.term_gate not in ("auto", "cond", "mask"):
         err("term_gate", c.term_gate, "'auto', 'cond' or 'mask'")
+    if c.mic.enabled:
+        _validate_mic(c, err)
     if c.pipa.pixel.enabled and not c.model.pixel_head:
         err("model.pixel_head", False, "True when pipa.pixel.enabled")
     if c.model.get("segmentor", "encoder_decoder") == "hrda":
@@ -249,6 +263,23 @@ def validate(c: ml_collections.ConfigDict, num_devices: int) -> None:
     _validate_data(c.data, err)
     if c.model.num_classes != 19:
         err("model.num_classes", c.model.num_classes, "19 (Cityscapes train ids)")
+
+
+def _validate_mic(c: ml_collections.ConfigDict, err) -> None:
+    m, crop = c.mic, tuple(c.data.crop_size)
+    if not c.uda.self_training:
+        err("mic.enabled", True, "False when uda.self_training is False (the masked view learns from the "
+            "teacher's pseudo-labels)")
+    if not 0 <= float(m.mask_ratio) < 1:
+        err("mic.mask_ratio", m.mask_ratio, "a value in [0, 1) (the share of masked blocks; MIC: 0.7)")
+    b = m.block_size
+    if int(b) != b or b <= 0 or crop[0] % b or crop[1] % b:
+        divisors = [d for d in range(2, min(crop) + 1) if crop[0] % d == 0 and crop[1] % d == 0]
+        hint = ", ".join(str(d) for d in divisors if min(crop) // d >= 4)[-40:]
+        err("mic.block_size", b, f"a divisor of the training crop {crop} that leaves a grid of blocks (MIC: 64 "
+            f"for 1024 crops at full resolution, 32 for 512 crops); this crop allows e.g. {hint}")
+    if min(crop) // b < 2:
+        err("mic.block_size", b, f"at most half the training crop {crop} (a grid of at least 2x2 blocks)")
 
 
 def _validate_hrda(c: ml_collections.ConfigDict, err) -> None:

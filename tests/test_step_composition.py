@@ -47,6 +47,14 @@ def ce(logits, labels, weight=None):
     return jnp.sum(nll * w) / labels.size
 
 
+def median_confidence(graphdef, state, batch):
+    """The median max-softmax of the initial teacher on a target batch: as pseudo_threshold it
+    makes the confident share q about 0.5, so that q's part in the weights is tested."""
+    model = merge(graphdef, state.teacher_params, state.batch_stats)
+    probs = jax.nn.softmax(model.infer_logits(L.normalize(batch["target_image"]), use_running_average=False), -1)
+    return float(np.median(np.asarray(probs.max(-1))))
+
+
 def merge(graphdef, params, stats):
     # nnx.merge at this trace level (BatchNorm mutates its statistics in place).
     return nnx.merge(graphdef, *jax.tree.map(lambda v: v, (params, stats)))
@@ -98,6 +106,7 @@ def test_dacs_step_equals_hand_written_mean_teacher(xla_cache_dir):
     lr = 0.05
     tx = optax.chain(capture_grads(), optax.sgd(lr))
     graphdef, state, step = setup(c, tx)
+    c.uda.pseudo_threshold = median_confidence(graphdef, state, next(pipeline.train_iterator(c, 0)))
     u = c.uda
 
     def reference(params, stats, teacher, t, batch):
@@ -137,6 +146,7 @@ def test_dacs_step_equals_hand_written_mean_teacher(xla_cache_dir):
         params, stats, teacher, ref_grads, ref_total = reference(params, stats, teacher, jnp.float32(t), batch)
         state, metrics = step(state, batch, None)
         np.testing.assert_allclose(metrics["loss/total"], ref_total, rtol=2e-6)
+        assert 0 < float(metrics["pseudo_confident_share"]) < 1
         assert_close(state.opt_state[0]["g"], ref_grads, rtol=5e-5, atol=1e-6)
         assert_close(state.params, params, rtol=1e-5, atol=1e-7)
         assert_close(state.teacher_params, teacher, rtol=1e-5, atol=1e-7)

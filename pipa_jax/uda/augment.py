@@ -15,6 +15,9 @@ Official behaviour (DAFormer ``dacs_transforms.color_jitter`` / ``gaussian_blur`
   ColorJitter module draws the four factors AND the order per image, and the blur sigma is drawn
   per image; only ``u`` and ``v`` are shared. This module reproduces exactly that: per-image
   factors, per-image order, per-image sigma, one ``u`` and one ``v`` per step.
+- MIC augments its masked target batch with ONE call for the whole batch: kornia then draws the
+  factors per image but one order for the batch, and the blur one sigma for the batch
+  (``per_image_order=False, per_image_sigma=False``).
 
 Library use: dm-pix (``dm_pix``) supplies brightness (its additive ``adjust_brightness``; we add
 the clamp), saturation (HSV scale, identical to kornia's) and hue (dm-pix measures hue in turns,
@@ -166,13 +169,16 @@ def sample_strong_augment_params(
     *,
     jitter_strength: float = 0.2,
     sigma_range=(0.15, 1.15),
+    per_image_order: bool = True,
+    per_image_sigma: bool = True,
 ):
     """Draws one step's random numbers (kornia 0.5 ColorJitter ranges; see module docstring).
 
     Returns a dict of arrays: ``u`` and ``v`` (scalars in [0, 1)), per image ``brightness_delta``
     (``b - 1`` with ``b ~ U[max(0, 1-s), 1+s]``), ``contrast`` and ``saturation``
     (``U[max(0, 1-s), 1+s]``), ``hue_radians`` (``U[-s, s] * 2 pi``, s capped at 0.5), ``order``
-    ([B, 4] permutations) and ``sigma`` (``U(sigma_range)``).
+    ([B, 4] permutations) and ``sigma`` (``U(sigma_range)``). With ``per_image_order`` /
+    ``per_image_sigma`` False, every image takes the first image's order / sigma (one batch call).
     """
     s = float(jitter_strength)
     lo = max(0.0, 1.0 - s)
@@ -190,9 +196,14 @@ def sample_strong_augment_params(
         "contrast": scale(1, lo, 1.0 + s),
         "saturation": scale(2, lo, 1.0 + s),
         "hue_radians": scale(3, -hue, hue) * _TWO_PI,
-        "sigma": scale(4, float(sigma_range[0]), float(sigma_range[1])),
-        "order": jnp.argsort(r[:, 5:9], axis=1).astype(jnp.int32),
+        "sigma": _shared(scale(4, float(sigma_range[0]), float(sigma_range[1])), per_image_sigma),
+        "order": _shared(jnp.argsort(r[:, 5:9], axis=1).astype(jnp.int32), per_image_order),
     }
+
+
+def _shared(values, per_image: bool):
+    """values [B, ...], or the first row for every image."""
+    return values if per_image else jnp.broadcast_to(values[:1], values.shape)
 
 
 def apply_strong_augment(
@@ -254,10 +265,13 @@ def strong_augment(
     blur: bool = True,
     mean=IMAGE_MEAN,
     std=IMAGE_STD,
+    per_image_order: bool = True,
+    per_image_sigma: bool = True,
 ):
     """DACS strong transform of normalised images [B, H, W, 3] (see the module docstring)."""
     params = sample_strong_augment_params(
-        key, images.shape[0], jitter_strength=jitter_strength, sigma_range=sigma_range
+        key, images.shape[0], jitter_strength=jitter_strength, sigma_range=sigma_range,
+        per_image_order=per_image_order, per_image_sigma=per_image_sigma,
     )
     return apply_strong_augment(
         images, params, jitter_p=jitter_p, blur_p=blur_p, blur=blur, mean=mean, std=std
