@@ -33,10 +33,12 @@ from pipa_jax import io as io_lib  # noqa: E402  (the atomic writer)
 # The methods each config file offers, in table order, and the pairs (a, b) whose difference a - b
 # the table reports seed by seed.
 SUITES = {
-    "configs/synthetic.py": (("source_only", "oracle", "dacs", "daformer", "pixel_only", "patch_only", "pipa"),
-                             (("pipa", "daformer"),)),
-    "configs/synthetic_hrda.py": (("source_only", "oracle", "daformer", "hrda", "pipa"),
-                                  (("hrda", "daformer"), ("pipa", "hrda"))),
+    "configs/synthetic.py": (("source_only", "oracle", "dacs", "daformer", "pixel_only", "patch_only", "pipa",
+                              "mic", "pipa_mic"),
+                             (("pipa", "daformer"), ("mic", "daformer"), ("mic", "pipa"), ("pipa_mic", "pipa"))),
+    "configs/synthetic_hrda.py": (("source_only", "oracle", "daformer", "hrda", "pipa", "mic", "pipa_mic"),
+                                  (("hrda", "daformer"), ("pipa", "hrda"), ("mic", "hrda"), ("mic", "pipa"),
+                                   ("pipa_mic", "pipa"))),
 }
 METHODS = SUITES["configs/synthetic.py"][0]
 

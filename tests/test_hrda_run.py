@@ -1,7 +1,7 @@
 """HRDA + PiPa end to end: `python -m pipa_jax.main --config configs/synthetic_hrda.py:method=pipa,tiny`
 trains, evaluates and reports; `pipa_jax.evaluate` reproduces its numbers from the workdir and
 from the student converted to an official-layout file and back; `pipa_jax.predict` segments an
-image with it."""
+image with it. MIC(HRDA), `configs/synthetic_hrda.py:method=mic,tiny`, trains and logs its term."""
 import json
 import os
 import subprocess
@@ -38,6 +38,17 @@ def run_dir(tmp_path_factory, xla_cache_dir):
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "done: step 4, target mIoU" in proc.stdout
     return workdir
+
+
+def test_cli_trains_mic_on_hrda(tmp_path, xla_cache_dir):
+    cmd = [sys.executable, "-m", "pipa_jax.main", "--config", f"{CONFIG}:method=mic,tiny", "--workdir",
+           str(tmp_path), f"--config.compilation_cache_dir={xla_cache_dir}", "--config.report.grid_images=0"]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=1500)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "done: step 4, target mIoU" in proc.stdout
+    for term in ("source_ce", "mix_ce", "fd", "mic"):
+        assert f"loss/{term}=" in proc.stderr, term
+    assert "loss/pixel=" not in proc.stderr and "loss/patch=" not in proc.stderr
 
 
 def read_json(path):

@@ -4,9 +4,7 @@ the other terms' random draws alone, and clear errors for bad mask settings."""
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 import pytest
-from flax import nnx
 
 from pipa_jax import config as config_lib
 from pipa_jax import labels as L

@@ -3,7 +3,8 @@ for a workdir of another model. The jitted step itself (1 vs 8 devices, no retra
 patch gate, non-finite stops, config errors) is tested in test_train_step.py; the two files
 run in parallel under the README's `pytest -n 2 --dist loadfile`.
 
-All runs share one configuration (the `tiny` synthetic PiPa config, 8 steps) and one XLA
+All runs share one configuration (the `tiny` synthetic PiPa + MIC config, 8 steps: every loss
+term at once, and the README's `configs/synthetic.py:method=pipa_mic,tiny` command) and one XLA
 compilation cache, so the expensive train step compiles once per device layout.
 """
 import importlib.util
@@ -30,14 +31,17 @@ CONFIG = os.path.join(ROOT, "configs", "synthetic.py")
 OVERRIDES = {"total_steps": 8, "checkpoint_every": 2, "log_every": 2, "pipa.patch.start_step": 1}
 
 
-def load_config(arg="method=pipa,tiny"):
+DEFAULT_ARG = "method=pipa_mic,tiny"
+
+
+def load_config(arg=DEFAULT_ARG):
     spec = importlib.util.spec_from_file_location("synthetic_config", CONFIG)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module.get_config(arg)
 
 
-def tiny_config(xla_cache_dir, arg="method=pipa,tiny"):
+def tiny_config(xla_cache_dir, arg=DEFAULT_ARG):
     c = load_config(arg)
     for key, value in OVERRIDES.items():
         *groups, leaf = key.split(".")
@@ -50,7 +54,7 @@ def tiny_config(xla_cache_dir, arg="method=pipa,tiny"):
 
 
 def cli(workdir, xla_cache_dir, *extra):
-    return [sys.executable, "-m", "pipa_jax.main", "--config", f"{CONFIG}:method=pipa,tiny",
+    return [sys.executable, "-m", "pipa_jax.main", "--config", f"{CONFIG}:{DEFAULT_ARG}",
             "--workdir", str(workdir), f"--config.compilation_cache_dir={xla_cache_dir}",
             *[f"--config.{k}={v}" for k, v in OVERRIDES.items()], *extra]
 
@@ -80,6 +84,8 @@ def reference_run(tmp_path_factory, xla_cache_dir):
 def test_cli_trains_evaluates_and_checkpoints(reference_run):
     workdir, proc = reference_run
     assert "done: step 8" in proc.stdout
+    for term in ("source_ce", "mix_ce", "fd", "pixel", "patch", "mic"):     # every term was logged
+        assert f"loss/{term}=" in proc.stderr, term
     with open(os.path.join(workdir, "metrics.json")) as f:
         history = json.load(f)
     final = history["8"]
