@@ -107,10 +107,14 @@ class ComputeForms:
     remat: bool = False
 
     def __post_init__(self):
-        resolve_dwconv_impl(self.dwconv)
-        resolve_conv_impl(self.conv)
-        resolve_attention_impl(self.attention)
-        resolve_scan_blocks(self.scan_blocks)
+        # Checks the names only: 'auto' is resolved when a layer runs, so that building a value
+        # (a default argument, at import) never starts a JAX backend, which must wait until
+        # jax.distributed.initialize has run on multi-host jobs.
+        for field, allowed in (("dwconv", DWCONV_IMPLS), ("conv", CONV_IMPLS), ("attention", ATTENTION_IMPLS)):
+            if getattr(self, field) not in allowed:
+                raise ValueError(f"{field}_impl must be one of {allowed}, got {getattr(self, field)!r}")
+        if not isinstance(self.scan_blocks, bool) and str(self.scan_blocks).lower() not in ("auto", "true", "false"):
+            raise ValueError(f"scan_blocks must be True, False or 'auto', got {self.scan_blocks!r}")
 
     @classmethod
     def from_config(cls, model_config) -> "ComputeForms":
