@@ -33,6 +33,13 @@ def base_config() -> ml_collections.ConfigDict:
     # (pipa_jax.terms.resolve_gate); 'auto' = mask on CPU, where XLA runs a conditional's branch far
     # slower, cond elsewhere. Both give the same updates.
     c.term_gate = "auto"
+    # Profiling: a trace of profile_steps steps every profile_every steps into the workdir
+    # (TensorBoard's profile tab; clu.periodic_actions.Profile), 0 = off.
+    c.profile_every = 0
+    c.profile_steps = 5
+    # jax.transfer_guard level around the training steps ('' = JAX's default; 'disallow' or 'log'
+    # proves that the loop moves data only where it says so: batches in, metrics out at log steps).
+    c.loop_transfer_guard = ""
 
     c.model = default_model_config()
     # ImageNet-pretrained encoder to start from: a model directory written by
@@ -217,6 +224,15 @@ def validate(c: ml_collections.ConfigDict, num_devices: int) -> None:
     mesh = num_devices if c.mesh_shape == -1 else c.mesh_shape
     if mesh <= 0 or num_devices % mesh:
         err("mesh_shape", c.mesh_shape, f"-1 or a divisor of the {num_devices} devices")
+    guards = ("", "allow", "log", "disallow", "log_explicit", "disallow_explicit")
+    if c.get("loop_transfer_guard", "") not in guards:
+        err("loop_transfer_guard", c.loop_transfer_guard, f"one of {guards}")
+    if int(c.get("profile_every", 0)) < 0 or int(c.get("profile_steps", 1)) <= 0:
+        err("profile_every / profile_steps", (c.profile_every, c.profile_steps), "profile_every >= 0 (0 = off) and profile_steps > 0")
+    n_proc = jax.process_count()
+    if n_proc > 1 and mesh != num_devices:
+        err("mesh_shape", c.mesh_shape, f"-1 (all {num_devices} devices) with {n_proc} processes: every "
+            "process feeds its own devices, so the mesh must span all of them")
     if c.batch_size % mesh:
         err("batch_size", c.batch_size, f"a multiple of the {mesh} devices on the data axis "
             f"(e.g. {mesh * max(1, c.batch_size // mesh)}), or set --config.mesh_shape")

@@ -110,19 +110,24 @@ def _load_baseline(path: str, labels) -> np.ndarray | None:
 
 
 def write_run_report(workdir: str, c, graphdef, params, batch_stats, confusions: dict[str, np.ndarray],
-                     source) -> dict[str, str]:
-    """Writes the table, the grid and the grid's predictions into `workdir`; returns their paths."""
+                     source, write: bool = True) -> dict[str, str]:
+    """Writes the table, the grid and the grid's predictions into `workdir`; returns their paths.
+    With several processes every one calls this (the predictions run on the global mesh) and only
+    the one given write=True writes; the others return {}."""
     paths = {"table": os.path.join(workdir, TABLE_FILE)}
     title = f"{c.data.target} validation ({len(source)} images), step {c.total_steps}"
     sizes = tuple(c.eval.miou_subsets) if "eval" in c else (19,)
-    io_lib.write_text_atomic(paths["table"], iou_table(confusions, title, sizes) + "\n")
+    if write:
+        io_lib.write_text_atomic(paths["table"], iou_table(confusions, title, sizes) + "\n")
     n = min(int(c.report.grid_images), len(source))
     if n <= 0:
-        return paths
+        return paths if write else {}
     examples = [source[i] for i in range(n)]
     images = [ex["image"] for ex in examples]
     gts = [ex["label"] for ex in examples]
     preds = predict_examples(graphdef, params, batch_stats, examples, inference.settings_from_config(c))
+    if not write:
+        return {}
     baseline = _load_baseline(c.report.baseline_workdir, gts) if c.report.baseline_workdir else None
     paths.update(grid=os.path.join(workdir, GRID_FILE),
                  grid_predictions=os.path.join(workdir, GRID_PREDICTIONS_FILE))

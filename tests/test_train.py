@@ -159,6 +159,9 @@ def test_sigterm_saves_and_resume_matches(reference_run, xla_cache_dir, tmp_path
 
     monkeypatch.setattr(pipeline, "train_iterator", lambda c, start=0: Interrupting(original(c, start)))
     c = tiny_config(xla_cache_dir)
+    # The steps move data only explicitly (batches in, metrics out at log steps): any implicit
+    # host <-> device transfer inside the loop's step part raises.
+    c.loop_transfer_guard = "disallow"
     out = train.train_and_evaluate(c, str(tmp_path))
     assert out["step"] == 5
     assert (tmp_path / "checkpoints" / "5").exists()

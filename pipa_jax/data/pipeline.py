@@ -137,10 +137,12 @@ def target_dataset(c: ml_collections.ConfigDict) -> grain.MapDataset:
 
 
 def train_dataset(c: ml_collections.ConfigDict) -> grain.MapDataset:
-    """This process's batches: element t is its share of global batch t."""
+    """This process's batches: element t is its share of global batch t, the contiguous rows
+    [p * b / n, (p + 1) * b / n) of the global batch (examples t * b ... t * b + b - 1), so the
+    global batch is the same examples in the same order whatever the number of processes."""
     pairs = grain.experimental.ZipMapDataset([source_dataset(c), target_dataset(c)]).map(_combine)
     n_proc, pid = jax.process_count(), jax.process_index()
-    return pairs[pid::n_proc].batch(c.batch_size // n_proc, drop_remainder=True)
+    return pairs.batch(c.batch_size // n_proc, drop_remainder=True)[pid::n_proc]
 
 
 class TrainIterator:
