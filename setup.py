@@ -42,6 +42,7 @@ setup(
         # The parity tests compare against PyTorch (torch + transformers' SegFormer). On CPU-only
         # machines install a CPU torch build first; a plain `torch` may pull CUDA wheels.
         # The Cityscapes evaluator is installed separately with --no-deps (see README).
-        "test": ["pytest>=8.0", "pytest-xdist>=3.5", "transformers>=5.0", "torch>=2.3", "pyquaternion", "kornia>=0.7"],
+        "test": ["pytest>=8.0", "pytest-xdist>=3.5", "transformers>=5.0", "torch>=2.3", "pyquaternion", "kornia>=0.7",
+                 "nbclient>=0.10", "nbformat>=5.9", "ipykernel>=6.29"],   # executing colab/pipa_jax.ipynb
     },
 )
