@@ -39,6 +39,7 @@ from jax.sharding import PartitionSpec as P  # noqa: E402
 from pipa_jax import io as io_lib  # noqa: E402
 from pipa_jax import step as step_lib  # noqa: E402
 from pipa_jax import train  # noqa: E402
+from train_step import time_steps  # noqa: E402  (benchmarks/, the script's own folder)
 
 RECIPES = {"daformer_pipa": ("configs/gta2cs.py", "method=pipa"),
            "hrda_pipa": ("configs/gta2cs_hrda.py", "method=pipa")}
@@ -116,14 +117,7 @@ def bench(name: str, repeats: int) -> dict:
     mem = compiled.memory_analysis()
     row.update({k: getattr(mem, k, None) for k in ("temp_size_in_bytes", "argument_size_in_bytes",
                                                    "output_size_in_bytes")})
-    state, m = compiled(state, batch, imnet_params)
-    jax.block_until_ready(m)
-    times = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        state, m = compiled(state, batch, imnet_params)
-        jax.block_until_ready(m)
-        times.append(time.perf_counter() - t)
+    _, times = time_steps(compiled, state, batch, imnet_params, repeats)
     step_s = statistics.median(times)
     stats = jax.devices()[0].memory_stats() or {}
     chip, peak = chip_peak()

@@ -102,15 +102,21 @@ def time_method(variant, method, size, batch, repeats, remat=False, force=False,
     if need > 0.8 * ram and not force:  # would swap or be killed: report XLA's estimate instead
         return {**row, "step_s_median": float("nan"), "step_s_all": [],
                 "not_run": f"needs {need / 2**30:.1f} GiB by XLA's estimate; this machine has {ram / 2**30:.1f} GiB"}
-    state, m = compiled(state, b, imnet_params)  # warm-up
+    _, times = time_steps(compiled, state, b, imnet_params, repeats)
+    return {**row, "step_s_median": statistics.median(times), "step_s_all": times}
+
+
+def time_steps(compiled, state, batch, imnet_params, repeats):
+    """One warm-up step, then `repeats` timed steps (each waited for); returns (state, seconds)."""
+    state, m = compiled(state, batch, imnet_params)
     jax.block_until_ready(m)
     times = []
     for _ in range(repeats):
         t = time.perf_counter()
-        state, m = compiled(state, b, imnet_params)
+        state, m = compiled(state, batch, imnet_params)
         jax.block_until_ready(m)
         times.append(time.perf_counter() - t)
-    return {**row, "step_s_median": statistics.median(times), "step_s_all": times}
+    return state, times
 
 
 def contrastive_memory(dim=128):

@@ -125,3 +125,13 @@ def _wait_for_coordinator(setup: Setup) -> None:
         f"did not answer within {setup.timeout_s} s ({type(last).__name__}: {last}).\n"
         "Start process 0 (which runs the coordinator) with the same --coordinator_address, check that the "
         "address and port are reachable from this host, or raise --initialization_timeout.")
+
+
+def barrier(name: str, timeout_s: int = 3600) -> None:
+    """Every process waits here for the others (through the coordination service, not a device
+    collective); a no-op with one process. `name` must be the same on all processes and new for
+    each barrier of a run."""
+    if jax.process_count() == 1:
+        return
+    from jax._src import distributed as jax_distributed   # the client JAX's own serialization uses
+    jax_distributed.global_state.client.wait_at_barrier(f"pipa_jax/{name}", timeout_in_ms=int(timeout_s * 1000))

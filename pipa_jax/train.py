@@ -23,7 +23,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from pipa_jax import config as config_lib
-from pipa_jax import convert, inference, model_io, report
+from pipa_jax import convert, distributed, inference, model_io, report
 from pipa_jax import io as io_lib
 from pipa_jax import mesh as mesh_lib
 from pipa_jax import metrics as metrics_lib
@@ -227,6 +227,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     # The step's metrics are summed on device by one jitted add (donated), not one host-launched
     # add per metric; they leave the device only at log steps.
     accumulate = jax.jit(lambda a, m: jax.tree.map(jnp.add, a, m), donate_argnums=0)
+    compiled_once = False
     level = c.get("loop_transfer_guard", "")
     guard = (lambda: jax.transfer_guard(level)) if level else contextlib.nullcontext
     t0 = time.time()
@@ -265,6 +266,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
                 with progress.timed("data"):       # the share of wall time spent waiting for input
                     batch = next(it)
                 batch = {k: jax.make_array_from_process_local_data(data_sharding, v) for k, v in batch.items()}
+                if jax.process_count() > 1 and not compiled_once:
+                    # gloo (CPU) connects the processes at their first cross-process collective
+                    # and gives up after 30 s, so a process whose compile took longer (another
+                    # missed the compilation cache) would fail the others there: compile first,
+                    # then meet at a barrier.
+                    p_train_step = p_train_step.lower(state, batch, imnet_params).compile()
+                    distributed.barrier(f"train_step_compiled_{step}")
+                compiled_once = True
                 state, m = p_train_step(state, batch, imnet_params)
                 # Sums for averaging (the nonfinite/ entries count the bad steps of each term).
                 acc = m if acc is None else accumulate(acc, m)

@@ -145,20 +145,21 @@ def read_metrics(workdir):
         return json.load(f)
 
 
-@pytest.fixture(scope="module")
-def one_process(tmp_path_factory, xla_cache_dir):
-    workdir = tmp_path_factory.mktemp("one") / "run"
-    results = Job(workdir, xla_cache_dir, 1).wait()
+def finished_run(tmp_path_factory, xla_cache_dir, n):
+    workdir = tmp_path_factory.mktemp(f"run{n}") / "run"
+    results = Job(workdir, xla_cache_dir, n).wait()
     assert_ok(results)
     return str(workdir), results
+
+
+@pytest.fixture(scope="module")
+def one_process(tmp_path_factory, xla_cache_dir):
+    return finished_run(tmp_path_factory, xla_cache_dir, 1)
 
 
 @pytest.fixture(scope="module")
 def two_processes(tmp_path_factory, xla_cache_dir):
-    workdir = tmp_path_factory.mktemp("two") / "run"
-    results = Job(workdir, xla_cache_dir, 2).wait()
-    assert_ok(results)
-    return str(workdir), results
+    return finished_run(tmp_path_factory, xla_cache_dir, 2)
 
 
 def test_two_processes_train_as_one(one_process, two_processes):
