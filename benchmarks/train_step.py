@@ -207,7 +207,8 @@ def render(r) -> str:
              f"{r['batch_per_domain']} + {r['batch_per_domain']}, "
              f"{r['size']}x{r['size']} crops, float32. Medians of the repeats in one process.  ",
              f"Load average (1, 5, 15 min) at start {tuple(round(x, 2) for x in r['load_average_start'])}, "
-             f"at end {tuple(round(x, 2) for x in r['load_average_end'])}: nothing else ran.", ""]
+             f"at end {tuple(round(x, 2) for x in r['load_average_end'])} (above the core count: "
+             "something else shared the machine, and the step times are not comparable).", ""]
     for v, rows in r["variants"].items():
         remat = " (model.remat=True)" if rows and rows[0].get("remat") else ""
         lines += [f"## MiT-{v}{remat}", "", "| method (adds) | compile s | step s (median) | delta s | XLA temp MiB |",
