@@ -48,3 +48,10 @@ RUN_FIRST = ("test_multihost.py",)
 
 def pytest_collection_modifyitems(config, items):
     items.sort(key=lambda item: item.path.name not in RUN_FIRST)
+
+
+# The two slowest end-to-end tests added with multi-host training (a second 2-process run with a
+# SIGTERM, and the Colab notebook's two training runs) run when PIPA_JAX_FULL_TESTS=1; CI leaves
+# them out to stay inside its time limit (they are reported as skipped, with this reason).
+FULL_TESTS = os.environ.get("PIPA_JAX_FULL_TESTS", "") == "1"
+full_only = pytest.mark.skipif(not FULL_TESTS, reason="slow end-to-end test: set PIPA_JAX_FULL_TESTS=1 to run it")

@@ -19,6 +19,7 @@ import orbax.checkpoint as ocp
 import pytest
 
 from pipa_jax import distributed
+from conftest import full_only
 from test_train import ROOT, cli
 
 STEPS = 8
@@ -190,6 +191,7 @@ def test_two_processes_train_as_one(one_process, two_processes):
         np.testing.assert_array_equal(a["predictions"], b["predictions"])
 
 
+@full_only
 def test_sigterm_to_one_process_stops_both_and_resumes_in_one(one_process, xla_cache_dir, tmp_path):
     one_dir, _ = one_process
     workdir = tmp_path / "run"
