@@ -90,7 +90,6 @@ class _Preemption:
     is left waiting in a collective (jax.experimental.multihost_utils)."""
 
     def __init__(self):
-        self._flag = False
         self._old = None
         self._multi = jax.process_count() > 1
         self.requested = False
@@ -106,15 +105,14 @@ class _Preemption:
 
     def _handle(self, signum, frame):
         logging.warning("SIGTERM received: saving a checkpoint and stopping")
-        self._flag = True
+        self.requested = True
 
     def reached(self, step: int) -> bool:
         if self._multi:
             from jax.experimental import multihost_utils
             if multihost_utils.reached_preemption_sync_point(step):
                 logging.warning("preemption notice: every process saves step %d and stops", step)
-                self._flag = True
-        self.requested = self._flag
+                self.requested = True
         return self.requested
 
     def __exit__(self, *exc):
