@@ -45,13 +45,14 @@ _IDENTITY_FIELDS = ("model", "data.crop_size", "batch_size", "seed", "pipa.patch
                     "pipa.patch.bank_steps")
 # Model fields that do not change what a checkpoint holds (how it computes, where it started):
 # a run may resume with other values, e.g. remat=True after running out of memory.
-_FREE_MODEL_FIELDS = ("pretrained", "require_pretrained", "dwconv_impl", "conv_impl", "attention_impl", "scan_blocks", "remat",
+_FREE_MODEL_FIELDS = ("pretrained", "require_pretrained", "dwconv_impl", "conv_impl", "attention_impl", "dense_impl", "scan_blocks", "remat",
                       "dtype")
 
 
 def make_mesh(c: ml_collections.ConfigDict) -> jax.sharding.Mesh:
-    """The run's ('data',) mesh over config.mesh_shape devices (pipa_jax.mesh)."""
-    return mesh_lib.make_mesh(c.mesh_shape)
+    """The run's mesh over config.mesh_shape devices: ('data',), or ('data', 'spatial') with
+    config.mesh_spatial > 1 (pipa_jax.mesh)."""
+    return mesh_lib.make_mesh(c.mesh_shape, spatial=c.get("mesh_spatial", 1))
 
 
 def _select(cfg, dotted):
@@ -177,7 +178,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     os.makedirs(workdir, exist_ok=True)
     _check_workdir_config(c, workdir)
     mesh = make_mesh(c)
-    repl, data_sharding = NamedSharding(mesh, P()), NamedSharding(mesh, P("data"))
+    repl, data_sharding = NamedSharding(mesh, P()), mesh_lib.batch_sharding(mesh)
 
     graphdef, tx, state, imnet = build_model_and_state(c, mesh)
     imnet_graphdef, imnet_params = imnet if imnet else (None, None)

@@ -122,11 +122,13 @@ def test_conv_matmul_forms_match_native(kernel_size, stride, size, use_bias):
     ((2, 5, 7, 6), jnp.bfloat16),
     ((4, 6), jnp.float32),   # 2-D input: nnx.Linear's own product
 ])
-def test_linear_flattened_product_matches_nnx_linear(shape, dtype):
-    """layers.Linear (one 2-D dot over the flattened leading axes) computes what nnx.Linear
-    computes: values and gradients, with the same parameters and dtype promotion."""
+@pytest.mark.parametrize("impl", ["flat", "nd"])
+def test_linear_flattened_product_matches_nnx_linear(shape, dtype, impl):
+    """layers.Linear ('flat': one 2-D dot over the flattened leading axes; 'nd': a dot over the
+    last axis, what spatial partitioning takes) computes what nnx.Linear computes: values and
+    gradients, with the same parameters and dtype promotion."""
     x = normal(0, shape)
-    fast = layers.Linear(6, 5, dtype=dtype, rngs=nnx.Rngs(1))
+    fast = layers.Linear(6, 5, impl=impl, dtype=dtype, rngs=nnx.Rngs(1))
     ref = nnx.Linear(6, 5, dtype=dtype, rngs=nnx.Rngs(1))
     fast.kernel[...] = ref.kernel[...]
     fast.bias[...] = ref.bias[...] = normal(2, (5,))
@@ -266,6 +268,9 @@ def test_auto_forms_follow_the_backend():
     assert layers.resolve_conv_impl("auto") == "matmul"
     assert layers.resolve_dwconv_impl("auto") == "shift"
     assert layers.resolve_attention_impl("auto") == "chunked"
+    assert layers.resolve_dense_impl("auto") == "flat"
+    with pytest.raises(ValueError, match="dense_impl must be one of"):
+        layers.linear(2, 2, impl="wide", rngs=nnx.Rngs(0))
     assert resolve_scan_blocks("auto") is False
     assert resolve_scan_blocks("True") is True and resolve_scan_blocks(False) is False
     with pytest.raises(ValueError, match="scan_blocks"):

@@ -252,7 +252,11 @@ def pixel_contrast_from_maps(
         min_pixels=min_pixels,
         include_ignore_class=include_ignore_class,
     )
-    features = embeddings.reshape(-1, embeddings.shape[-1])[flat_indices]
+    # Indexing the map by (image, row, column) rather than its flattened [B*h*w, D] view gives the
+    # same rows; under spatial partitioning (rows split over devices) XLA then gathers only the
+    # sampled pixels (a masked local gather and a small all-reduce), where the flattened view
+    # would all-gather the whole map first.
+    features = embeddings[jnp.unravel_index(flat_indices, labels.shape)]
     return pixel_contrast_loss(
         features,
         anchor_labels,

@@ -33,8 +33,8 @@ def channel_dropout(x, rate: float, rng, *, train: bool):
 class MLPEmbed(nnx.Module):
     """Token-wise Linear(C_in -> C_out) on a map (official `MLP` with attribute `proj`)."""
 
-    def __init__(self, in_ch, out_ch, *, dtype, param_dtype, rngs):
-        self.proj = layers.linear(in_ch, out_ch, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+    def __init__(self, in_ch, out_ch, *, impl="auto", dtype, param_dtype, rngs):
+        self.proj = layers.linear(in_ch, out_ch, impl=impl, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
 
     def __call__(self, x):
         return self.proj(x)
@@ -109,7 +109,7 @@ class DAFormerHead(nnx.Module):
                  dropout=0.1, forms: layers.ComputeForms = layers.ComputeForms(), dtype=jnp.float32,
                  param_dtype=jnp.float32, rngs: nnx.Rngs):
         kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-        self.embed_layers = nnx.List([MLPEmbed(c, embed_dim, **kw) for c in in_channels])
+        self.embed_layers = nnx.List([MLPEmbed(c, embed_dim, impl=forms.dense, **kw) for c in in_channels])
         cat = embed_dim * len(in_channels)
         if fusion == "aspp":
             self.fuse_layer = ASPPFusion(cat, embed_dim, dilations, forms=forms, **kw)
@@ -148,7 +148,7 @@ class SegFormerHead(nnx.Module):
                  forms: layers.ComputeForms = layers.ComputeForms(), dtype=jnp.float32, param_dtype=jnp.float32,
                  rngs: nnx.Rngs):
         kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-        self.linear_c = nnx.List([MLPEmbed(c, embed_dim, **kw) for c in in_channels])
+        self.linear_c = nnx.List([MLPEmbed(c, embed_dim, impl=forms.dense, **kw) for c in in_channels])
         self.linear_fuse = ConvModule(embed_dim * len(in_channels), embed_dim, 1, forms=forms, **kw)
         self.linear_pred = layers.Conv2d(embed_dim, num_classes, (1, 1), dtype=dtype, param_dtype=param_dtype,
                                          kernel_init=nnx.initializers.normal(0.01), impl=forms.conv, rngs=rngs)

@@ -73,9 +73,9 @@ class Attention(nnx.Module):
         kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         self.num_heads = num_heads
         self.sr_ratio = sr_ratio
-        self.q = layers.linear(dim, dim, **kw)
-        self.kv = layers.linear(dim, 2 * dim, **kw)  # output channels [k | v]
-        self.proj = layers.linear(dim, dim, **kw)
+        self.q = layers.linear(dim, dim, impl=forms.dense, **kw)
+        self.kv = layers.linear(dim, 2 * dim, impl=forms.dense, **kw)  # output channels [k | v]
+        self.proj = layers.linear(dim, dim, impl=forms.dense, **kw)
         if sr_ratio > 1:
             self.sr = layers.conv2d(dim, dim, sr_ratio, stride=sr_ratio, impl=forms.conv, **kw)
             self.norm = layers.layer_norm(dim, 1e-5, **kw)
@@ -113,9 +113,9 @@ class MixFFN(nnx.Module):
 
     def __init__(self, dim, hidden, *, forms, dtype, param_dtype, rngs):
         kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-        self.fc1 = layers.linear(dim, hidden, **kw)
+        self.fc1 = layers.linear(dim, hidden, impl=forms.dense, **kw)
         self.dwconv = DWConv(hidden, impl=forms.dwconv, **kw)
-        self.fc2 = layers.linear(hidden, dim, **kw)
+        self.fc2 = layers.linear(hidden, dim, impl=forms.dense, **kw)
 
     def __call__(self, x):
         return self.fc2(layers.gelu_erf(self.dwconv(self.fc1(x))))

@@ -51,6 +51,9 @@ def default_model_config() -> ml_collections.ConfigDict:
     # Encoder attention: 'auto' (chunked on CPU, dense elsewhere), 'chunked' (heads folded into the
     # batch, query chunks, hand-written VJP, memory linear in tokens), 'dense'.
     c.attention_impl = "auto"
+    # Token-wise linear layers: 'auto' (flat on CPU, nd elsewhere), 'flat' (one 2-D dot over the
+    # flattened map), 'nd' (a dot over the last axis; what spatial partitioning needs).
+    c.dense_impl = "auto"
     # lax.scan over the blocks of each deep encoder stage: True, False or 'auto' (unrolled on CPU,
     # where the scan costs run time; scanned on GPU/TPU for compile time). Same parameters.
     c.scan_blocks = "auto"

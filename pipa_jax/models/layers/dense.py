@@ -7,6 +7,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from pipa_jax.models.layers.forms import resolve_dense_impl
+
 
 def gelu_erf(x):
     """Exact GELU, 0.5 x (1 + erf(x / sqrt 2)), PyTorch's nn.GELU() formula. jax.nn.gelu
@@ -50,10 +52,18 @@ def matmul_last(x, kernel, **kw):
 
 
 class Linear(nnx.Linear):
-    """nnx.Linear (same parameters, names, init and dtype promotion) computed with matmul_last."""
+    """nnx.Linear (same parameters, names, init and dtype promotion), computed with matmul_last
+    when `impl` resolves to 'flat' (forms.resolve_dense_impl) and as nnx.Linear's dot over the
+    last axis when 'nd'."""
+
+    def __init__(self, *args, impl: str = "auto", **kwargs):
+        super().__init__(*args, **kwargs)
+        resolve_dense_impl(impl)  # validate early
+        self.impl = impl
 
     def __call__(self, inputs, out_sharding=None):
-        if out_sharding is not None or inputs.ndim <= 2 or self.dot_general is not jax.lax.dot_general:
+        if (out_sharding is not None or inputs.ndim <= 2 or self.dot_general is not jax.lax.dot_general
+                or resolve_dense_impl(self.impl) == "nd"):
             return super().__call__(inputs, out_sharding=out_sharding)
         kernel = self.kernel[...]
         bias = self.bias[...] if self.bias is not None else None
@@ -62,10 +72,11 @@ class Linear(nnx.Linear):
         return y if bias is None else y + bias
 
 
-def linear(in_f: int, out_f: int, *, dtype=jnp.float32, param_dtype=jnp.float32, rngs: nnx.Rngs) -> nnx.Linear:
-    """Linear with the SegFormer init (truncated normal std 0.02, zero bias)."""
+def linear(in_f: int, out_f: int, *, impl: str = "auto", dtype=jnp.float32, param_dtype=jnp.float32,
+           rngs: nnx.Rngs) -> nnx.Linear:
+    """Linear with the SegFormer init (truncated normal std 0.02, zero bias); `impl`: the dense form."""
     return Linear(
-        in_f, out_f, dtype=dtype, param_dtype=param_dtype,
+        in_f, out_f, impl=impl, dtype=dtype, param_dtype=param_dtype,
         kernel_init=nnx.initializers.truncated_normal(stddev=0.02), rngs=rngs,
     )
 
