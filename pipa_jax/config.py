@@ -25,7 +25,11 @@ def base_config() -> ml_collections.ConfigDict:
     c.eval_every = 4000           # steps between evaluations on the target validation split (0: end only)
     c.checkpoint_every = 2000     # steps between checkpoints (always one at the end and on SIGTERM)
     c.keep_checkpoints = 2        # most recent checkpoints kept
-    c.mesh_shape = -1             # devices on the 'data' axis; -1 = all devices
+    c.mesh_shape = -1             # devices in the training mesh; -1 = all devices
+    # Spatial partitioning: k > 1 gives a ('data', 'spatial') mesh of mesh_shape/k x k devices, with
+    # every image, label and mask split along its height into k bands (pipa_jax.mesh), so the
+    # released 2 + 2 recipe runs on 2k devices with the same result. 1 = data parallelism only.
+    c.mesh_spatial = 1
     # XLA's persistent compilation cache: a resumed or repeated run skips recompiling the step
     # (minutes for MiT-b5). '' disables it.
     c.compilation_cache_dir = "~/.cache/pipa_jax/xla"
@@ -233,11 +237,26 @@ def validate(c: ml_collections.ConfigDict, num_devices: int) -> None:
     if n_proc > 1 and mesh != num_devices:
         err("mesh_shape", c.mesh_shape, f"-1 (all {num_devices} devices) with {n_proc} processes: every "
             "process feeds its own devices, so the mesh must span all of them")
-    if c.batch_size % mesh:
-        err("batch_size", c.batch_size, f"a multiple of the {mesh} devices on the data axis "
-            f"(e.g. {mesh * max(1, c.batch_size // mesh)}), or set --config.mesh_shape")
-    if c.data.eval_batch_size % mesh:
-        err("data.eval_batch_size", c.data.eval_batch_size, f"a multiple of the {mesh} devices")
+    spatial = c.get("mesh_spatial", 1)
+    if not isinstance(spatial, int) or spatial < 1 or mesh % spatial:
+        err("mesh_spatial", spatial, f"a positive divisor of the mesh's {mesh} devices (1 = no spatial axis)")
+    if n_proc > 1 and jax.local_device_count() % spatial:
+        err("mesh_spatial", spatial, f"a divisor of each process's {jax.local_device_count()} devices with "
+            f"{n_proc} processes (every image's bands stay on the devices of the process that reads it)")
+    data = mesh // spatial
+    if c.batch_size % data:
+        hint = f"e.g. {data * max(1, c.batch_size // data)}"
+        if spatial == 1 and mesh % c.batch_size == 0 and mesh > c.batch_size:
+            hint += f", or --config.mesh_spatial={mesh // c.batch_size} to split each image over more devices"
+        err("batch_size", c.batch_size, f"a multiple of the {data} devices on the data axis ({hint}), "
+            "or set --config.mesh_shape")
+    if c.data.eval_batch_size % data:
+        err("data.eval_batch_size", c.data.eval_batch_size, f"a multiple of the {data} devices on the data axis")
+    if spatial > 1 and c.data.crop_size[0] % (4 * spatial):
+        # Every band holds whole rows of the stride-4 maps (the decoder's, the contrastive
+        # features'); deeper stages with fewer rows than bands are padded by XLA's partitioner.
+        err("mesh_spatial", spatial, f"a count that splits the crop height {c.data.crop_size[0]} into bands of "
+            f"whole stride-4 rows (crop height a multiple of 4 x mesh_spatial = {4 * spatial})")
     ch, cw = c.data.crop_size
     if ch % 32 or cw % 32:
         err("data.crop_size", tuple(c.data.crop_size), "multiples of 32 (the encoder's output stride)")

@@ -10,6 +10,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from pipa_jax import config as config_lib
+from pipa_jax import mesh as mesh_lib
 from pipa_jax import step as step_lib
 from pipa_jax import train
 from pipa_jax.data import pipeline
@@ -25,46 +26,97 @@ def gate_config(xla_cache_dir):
     return c
 
 
-def jitted_step(c, n):
-    """(state, jitted step, imnet params, data sharding) on a mesh of n devices, jitted as the trainer does."""
-    c.mesh_shape = n
+def jitted_step(c, n, spatial=1):
+    """(state, jitted step, imnet params, data sharding) on a mesh of n devices (spatial > 1: a
+    ('data', 'spatial') mesh of n / spatial x spatial), jitted as the trainer does."""
+    c.mesh_shape, c.mesh_spatial = n, spatial
     mesh = train.make_mesh(c)
-    repl, data = NamedSharding(mesh, P()), NamedSharding(mesh, P("data"))
+    repl, data = NamedSharding(mesh, P()), mesh_lib.batch_sharding(mesh)
     graphdef, tx, state, imnet = train.build_model_and_state(c, mesh)
     train_step = step_lib.make_train_step(c, graphdef, tx, imnet[0])
     jitted = jax.jit(train_step, in_shardings=(repl, data, repl), out_shardings=(repl, repl), donate_argnums=0)
     return state, jitted, jax.device_put(imnet[1], repl), data
 
 
-def test_one_device_equals_eight_and_no_retrace(xla_cache_dir):
+def run_steps(c, batches, n, spatial=1):
+    """(final params on the host, per-step metrics, the jitted step) of len(batches) steps."""
+    state, jitted, imnet_params, data = jitted_step(c, n, spatial)
+    metrics = []
+    for b in batches:
+        b = {k: jax.make_array_from_process_local_data(data, v) for k, v in b.items()}
+        state, m = jitted(state, b, imnet_params)
+        metrics.append(jax.device_get(m))
+    assert len(state.params["backbone"]["block1"][0]["attn"]["q"]["kernel"][...].sharding.device_set) == n
+    return jax.device_get(state.params), metrics, jitted
+
+
+@pytest.fixture(scope="module")
+def one_device_run(xla_cache_dir):
+    """The reference both sharded runs below are compared with: 3 steps on one device."""
     c = gate_config(xla_cache_dir)
     batches = [next(pipeline.train_iterator(c, i)) for i in range(3)]
-    results = {}
-    for n in (1, 8):
-        state, jitted, imnet_params, data = jitted_step(c, n)
-        metrics = []
-        for b in batches:
-            b = {k: jax.make_array_from_process_local_data(data, v) for k, v in b.items()}
-            state, m = jitted(state, b, imnet_params)
-            metrics.append(jax.device_get(m))
-        assert jitted._cache_size() == 1, f"the step compiled {jitted._cache_size()} times on {n} device(s)"
-        assert len(state.params["backbone"]["block1"][0]["attn"]["q"]["kernel"][...].sharding.device_set) == n
-        results[n] = (jax.device_get(state.params), metrics)
-    for m1, m8 in zip(results[1][1], results[8][1]):
-        for k in m1:
-            np.testing.assert_allclose(m8[k], m1[k], rtol=2e-4, atol=1e-6, err_msg=k)
+    return c, batches, run_steps(c, batches, 1)
+
+
+def assert_same_run(c, ref, other, steps, rtol=2e-4):
+    (p1, m1, _), (p2, m2, _) = ref, other
+    for a, b in zip(m1, m2):
+        for k in a:
+            np.testing.assert_allclose(b[k], a[k], rtol=rtol, atol=1e-6, err_msg=k)
+    loss_rel = max(abs(float(b["loss/total"]) - float(a["loss/total"])) / abs(float(a["loss/total"]))
+                   for a, b in zip(m1, m2))
+    print(f"largest relative difference of the total loss over {steps} steps: {loss_rel:.2e}")
     # Parameters: Adam moves each one by at most ~lr per step whatever the gradient's size, so
     # parameters whose exact gradient is 0 (a conv bias before BatchNorm) take +-lr steps on
     # rounding noise, which differs with the reduction order. Bound every difference by the
     # largest total step (head lr = 10x), and require the typical parameter to agree closely.
     schedule = learning_rate_schedule(c, c.optimizer.learning_rate)
-    bound = 2 * 10 * sum(float(schedule(t)) for t in range(len(batches))) * 1.01
+    bound = 2 * 10 * sum(float(schedule(t)) for t in range(steps)) * 1.01
     rel = []
-    for a, b in zip(jax.tree.leaves(results[1][0]), jax.tree.leaves(results[8][0])):
+    for a, b in zip(jax.tree.leaves(p1), jax.tree.leaves(p2)):
         a, b = np.asarray(a), np.asarray(b)
         assert np.max(np.abs(a - b)) <= bound
         rel.append(np.linalg.norm(a - b) / max(np.linalg.norm(a), 1e-12))
     assert np.median(rel) < 1e-5, np.median(rel)
+
+
+def test_one_device_equals_eight_and_no_retrace(one_device_run):
+    c, batches, ref = one_device_run
+    assert ref[2]._cache_size() == 1, f"the step compiled {ref[2]._cache_size()} times on 1 device"
+    eight = run_steps(c, batches, 8)
+    assert eight[2]._cache_size() == 1, f"the step compiled {eight[2]._cache_size()} times on 8 devices"
+    assert_same_run(c, ref, eight, len(batches))
+
+
+def test_spatial_partitioning_equals_one_device(one_device_run):
+    """config.mesh_spatial = 4: a 2 x 4 ('data', 'spatial') mesh, every image split along its
+    height into 4 bands of 16 rows, the full PiPa + MIC step (both contrastive terms, the patch
+    bank, ClassMix, FD, the masked term), equals the one-device step. It runs with the forms GPU /
+    TPU take (native convolutions, dense attention, 'nd' linear layers: the same results, see
+    test_fast_forms.py), and its compiled program rebuilds no full-height map at a flattening
+    reshape ('flat' linear layers and matmul 1x1 convolutions merge the sharded batch and height
+    axes, which XLA can only partition by all-gathering the height; benchmarks/spatial_hlo.py
+    lists what the program does gather)."""
+    from pipa_jax.tools import hlo_collectives
+    c, batches, ref = one_device_run
+    c = c.copy_and_resolve_references()
+    for k, v in dict(dwconv_impl="native", conv_impl="native", attention_impl="dense", dense_impl="nd").items():
+        c.model[k] = v
+    c.mesh_shape, c.mesh_spatial = 8, 4
+    config_lib.validate(c, 8)
+    spatial = run_steps(c, batches, 8, spatial=4)
+    assert_same_run(c, ref, spatial, len(batches))
+    state, jitted, imnet_params, data = jitted_step(c, 8, spatial=4)
+    b = {k: jax.make_array_from_process_local_data(data, v) for k, v in batches[0].items()}
+    assert b["source_image"].addressable_shards[0].data.shape == (4, 16, 64, 3)    # 2 x 4 images, 16-row bands
+    hlo = jitted.lower(state, b, imnet_params).compile().as_text()   # the persistent cache's program
+    recs = hlo_collectives.collectives(hlo)
+    assert any(r.kind == "collective-permute" for r in recs)     # convolution halos between bands
+    full = hlo_collectives.full_resolution_gathers(recs, tuple(c.data.crop_size))
+    # The detector sees the gathers the algorithm needs: the patch term's random crop of the
+    # full image can start in any band.
+    assert any(r.op_name.endswith("dynamic_slice") and r.shape[1:3] == (64, 64) for r in full), full
+    assert not [r for r in full if r.op_name.endswith("reshape")], full
 
 
 def test_patch_gate_mask_equals_cond(xla_cache_dir):
@@ -116,6 +168,19 @@ def test_bad_config_values_are_clear_errors():
     c.batch_size = 4
     with pytest.raises(ValueError, match=r"config.batch_size = 4: expected a multiple of the 8 devices"):
         config_lib.validate(c, 8)
+    # Spatial partitioning: 2 + 2 images on 8 devices need 4 bands per image.
+    c = load_config()
+    c.batch_size = 2
+    with pytest.raises(ValueError, match=r"batch_size = 2: .*or --config.mesh_spatial=4 to split"):
+        config_lib.validate(c, 8)
+    c.mesh_spatial = 4
+    config_lib.validate(c, 8)
+    c.mesh_spatial = 3
+    with pytest.raises(ValueError, match=r"mesh_spatial = 3: expected a positive divisor of the mesh's 8 devices"):
+        config_lib.validate(c, 8)
+    c.mesh_spatial, c.batch_size, c.data.eval_batch_size = 32, 1, 1
+    with pytest.raises(ValueError, match=r"mesh_spatial = 32: .*crop height 64 into bands of whole stride-4 rows"):
+        config_lib.validate(c, 32)
     c = load_config()
     c.data.crop_size = (100, 64)
     with pytest.raises(ValueError, match="data.crop_size"):
