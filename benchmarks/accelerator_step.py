@@ -39,6 +39,7 @@ from jax.sharding import PartitionSpec as P  # noqa: E402
 from pipa_jax import io as io_lib  # noqa: E402
 from pipa_jax import step as step_lib  # noqa: E402
 from pipa_jax import train  # noqa: E402
+from pipa_jax.models import layers  # noqa: E402
 from train_step import time_steps  # noqa: E402  (benchmarks/, the script's own folder)
 
 RECIPES = {"daformer_pipa": ("configs/gta2cs.py", "method=pipa"),
@@ -61,7 +62,7 @@ def recipe_config(name: str):
     # The data axis: as many devices as the batch can fill (2 + 2 images use at most 2).
     c.mesh_shape = math.gcd(int(c.batch_size), jax.device_count())
     if jax.default_backend() == "cpu":    # count the FLOPs of the forms an accelerator runs
-        c.model.dwconv_impl, c.model.conv_impl, c.model.attention_impl = "native", "native", "dense"
+        c.model.update(layers.ACCELERATOR_FORMS)
     return c
 
 

@@ -41,9 +41,10 @@ from pipa_jax import mesh as mesh_lib  # noqa: E402
 from pipa_jax import step as step_lib  # noqa: E402
 from pipa_jax import train  # noqa: E402
 from pipa_jax.data import pipeline  # noqa: E402
+from pipa_jax.models import layers  # noqa: E402
 from pipa_jax.tools import hlo_collectives  # noqa: E402
 
-FORMS = {"accelerator": dict(dwconv_impl="native", conv_impl="native", attention_impl="dense", dense_impl="nd"),
+FORMS = {"accelerator": layers.ACCELERATOR_FORMS,
          "cpu": dict(dwconv_impl="shift", conv_impl="matmul", attention_impl="chunked", dense_impl="flat")}
 
 

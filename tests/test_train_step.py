@@ -14,6 +14,7 @@ from pipa_jax import mesh as mesh_lib
 from pipa_jax import step as step_lib
 from pipa_jax import train
 from pipa_jax.data import pipeline
+from pipa_jax.models import layers
 from pipa_jax.optim import learning_rate_schedule
 from test_train import load_config, tiny_config
 
@@ -100,8 +101,7 @@ def test_spatial_partitioning_equals_one_device(one_device_run):
     from pipa_jax.tools import hlo_collectives
     c, batches, ref = one_device_run
     c = c.copy_and_resolve_references()
-    for k, v in dict(dwconv_impl="native", conv_impl="native", attention_impl="dense", dense_impl="nd").items():
-        c.model[k] = v
+    c.model.update(layers.ACCELERATOR_FORMS)
     c.mesh_shape, c.mesh_spatial = 8, 4
     config_lib.validate(c, 8)
     spatial = run_steps(c, batches, 8, spatial=4)

@@ -11,6 +11,9 @@ DWCONV_IMPLS = ("auto", "shift", "shift_autodiff", "native")
 CONV_IMPLS = ("auto", "matmul", "native")
 ATTENTION_IMPLS = ("auto", "chunked", "dense")
 DENSE_IMPLS = ("auto", "flat", "nd")
+# What every 'auto' form resolves to on GPU / TPU, as model config fields: benchmarks and tests
+# that compile the accelerator's program on CPU set these.
+ACCELERATOR_FORMS = {"dwconv_impl": "native", "conv_impl": "native", "attention_impl": "dense", "dense_impl": "nd"}
 
 
 def resolve_dwconv_impl(impl: str) -> str:
