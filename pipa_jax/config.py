@@ -100,12 +100,18 @@ def base_config() -> ml_collections.ConfigDict:
     c.eval.miou_subsets = (19,)          # mIoU rows reported: 19 and SYNTHIA's 16 / 13 classes
 
     c.optimizer = ml_collections.ConfigDict()
+    c.optimizer.name = "adamw"           # 'adamw' (DAFormer / HRDA / MIC / PiPa) or 'sgd' (DACS / ProDA)
     c.optimizer.learning_rate = 6e-5
     c.optimizer.b1 = 0.9
     c.optimizer.b2 = 0.999
     c.optimizer.weight_decay = 0.01
     c.optimizer.head_lr_mult = 10.0      # decoder and PiPa heads learn 10x faster
-    c.optimizer.encoder_norm_decay = False  # no weight decay on encoder LayerNorms (official paramwise_cfg)
+    c.optimizer.encoder_norm_decay = False  # no weight decay on the encoder's norm parameters (each backbone
+                                            # names them: MiT's LayerNorms, official paramwise_cfg)
+    c.optimizer.momentum = 0.9           # sgd only
+    # sgd only: reproduce the official DACS parameter list, which repeats backbone convs (3x, shortcuts
+    # 4x) so that SGD updates them that many times a step (pipa_jax.optim, docs/method.md §10.3).
+    c.optimizer.sgd_duplicate_updates = False
     c.optimizer.warmup_steps = 1500
     c.optimizer.warmup_ratio = 1e-6      # linear warmup starts at lr * ratio
     c.optimizer.poly_power = 1.0         # (1 - t/T)^power, multiplied with the warmup
@@ -278,6 +284,7 @@ def validate(c: ml_collections.ConfigDict, num_devices: int) -> None:
         err("model.pixel_head", False, "True when pipa.pixel.enabled")
     if c.model.get("segmentor", "encoder_decoder") == "hrda":
         _validate_hrda(c, err)
+    _validate_optimizer_and_network(c, err)
     if c.model.require_pretrained and not c.model.pretrained:
         err("model.pretrained", c.model.pretrained,
             f"the ImageNet {c.model.backbone} weights this recipe starts from: convert mit_bX.pth once with "
@@ -315,6 +322,25 @@ def _validate_mic(c: ml_collections.ConfigDict, err) -> None:
             f"for 1024 crops at full resolution, 32 for 512 crops); this crop allows e.g. {hint}")
     if min(crop) // b < 2:
         err("mic.block_size", b, f"at most half the training crop {crop} (a grid of at least 2x2 blocks)")
+
+
+def _validate_optimizer_and_network(c: ml_collections.ConfigDict, err) -> None:
+    o, m = c.optimizer, c.model
+    if o.get("name", "adamw") not in ("adamw", "sgd"):
+        err("optimizer.name", o.name, "'adamw' or 'sgd'")
+    if o.get("sgd_duplicate_updates", False) and o.name != "sgd":
+        err("optimizer.sgd_duplicate_updates", True, "False with optimizer.name = 'adamw' (it reproduces DACS's SGD)")
+    if o.get("name") == "sgd" and not 0 <= o.momentum < 1:
+        err("optimizer.momentum", o.momentum, "a value in [0, 1)")
+    if m.resnet.input_convention not in ("caffe_bgr", "imagenet_rgb"):
+        err("model.resnet.input_convention", m.resnet.input_convention, "'caffe_bgr' or 'imagenet_rgb'")
+    if int(m.deeplabv2.branches) not in (1, 2, 3, 4):
+        err("model.deeplabv2.branches", m.deeplabv2.branches, "1..4 (2 = the official DACS forward, 4 = all summed)")
+    if m.get("segmentor", "encoder_decoder") == "hrda" and m.decode_head != "daformer":
+        err("model.decode_head", m.decode_head, "'daformer' with segmentor 'hrda' (HRDA's heads are DAFormer heads)")
+    if c.uda.fd and not str(m.backbone).startswith("mit_"):
+        err("uda.fd", True, f"False with backbone {m.backbone!r} (the feature distance reads a frozen ImageNet MiT; "
+            "DAFormer's recipe has it, DACS's does not)")
 
 
 def _validate_hrda(c: ml_collections.ConfigDict, err) -> None:

@@ -12,7 +12,12 @@ Layout rules (PyTorch -> Flax):
 
 Sources: the SegFormer ImageNet `mit_b*.pth` (raw dict, or under 'state_dict' / 'model'), and
 trained DAFormer / HRDA / PiPa mmcv checkpoints ({'meta', 'state_dict', 'optimizer'}; keys under
-`model.` = student, `ema_model.` = teacher, `imnet_model.` = frozen ImageNet copy). .pth files
+`model.` = student, `ema_model.` = teacher, `imnet_model.` = frozen ImageNet copy). DeepLabV2
+(pipa_jax.models.resnet): the DACS COCO init `resnet101COCO-*.pth` and torchvision ImageNet ResNets
+(keys at the root: conv1, bn1, layer1..4; `fc.*` and, into a backbone alone, `layer5.*` are
+skipped), and DACS training checkpoints ({'model', 'ema_model', ...}: read as `model.` / `ema_model.`).
+A module class with an `OFFICIAL_NAME` attribute is named so in keys (ResNet: '' = at the root of
+its segmentor's keys; DeepLabV2Head: 'layer5'). .pth files
 are read with torch.load(weights_only=True): no arbitrary code is unpickled.
 """
 from __future__ import annotations
@@ -79,11 +84,13 @@ def official_key(module: nnx.Module, path: tuple) -> str:
     parts, absolute, obj = [], False, module
     for p in path[:-1]:
         name = table.get(type(obj), {}).get(p, str(p))
+        child = obj[p] if isinstance(p, int) else getattr(obj, p)
+        name = getattr(type(child), "OFFICIAL_NAME", name)
         if name.startswith("/"):
             parts, absolute, name = [], True, name[1:]
         if name:
             parts.append(name)
-        obj = obj[p] if isinstance(p, int) else getattr(obj, p)
+        obj = child
     leaf = str(path[-1])
     if leaf not in LEAF_RENAMES:
         raise KeyError(f"no official name for variable {'.'.join(map(str, path))}")
@@ -174,6 +181,9 @@ def _torch_load(path: str):
 
 
 def _unwrap(raw: Mapping) -> Mapping:
+    # DACS training checkpoints: {'model': student, 'ema_model': teacher, 'optimizer', ...}.
+    if isinstance(raw, Mapping) and all(isinstance(raw.get(w), Mapping) for w in ("model", "ema_model")):
+        return {f"{w}.{k}": v for w in ("model", "ema_model") for k, v in raw[w].items()}
     for wrapper in ("state_dict", "model"):
         inner = raw.get(wrapper) if isinstance(raw, Mapping) else None
         if isinstance(inner, Mapping) and inner and all(not isinstance(v, Mapping) for v in inner.values()):
@@ -230,6 +240,27 @@ def detect_architecture(keys_shapes: Mapping[str, tuple], prefix: str = "") -> d
     return info
 
 
+def detect_resnet(keys_shapes: Mapping[str, tuple], prefix: str = "") -> dict | None:
+    """A DeepLab / torchvision ResNet under `prefix` (keys conv1, layer1..4[, layer5, fc]):
+    {'backbone': 'resnet101' (or a description), 'depths', 'decode_head': 'deeplabv2' | None,
+    'num_classes', 'branches', 'classifier': 'fc' (torchvision ImageNet) | None}; None if absent."""
+    from pipa_jax.models.resnet import RESNET_DEPTHS
+    depths = [0] * 4
+    for k in keys_shapes:
+        m = re.match(re.escape(prefix) + r"layer([1-4])\.(\d+)\.conv1\.weight$", k)
+        if m:
+            s = int(m.group(1)) - 1
+            depths[s] = max(depths[s], int(m.group(2)) + 1)
+    if not all(depths) or prefix + "conv1.weight" not in keys_shapes:
+        return None
+    backbone = next((f"resnet{d}" for d, v in RESNET_DEPTHS.items() if v == tuple(depths)),
+                    f"ResNet(blocks={tuple(depths)})")
+    convs = sorted(k for k in keys_shapes if re.match(re.escape(prefix) + r"layer5\.conv2d_list\.\d+\.weight$", k))
+    return {"backbone": backbone, "depths": tuple(depths), "decode_head": "deeplabv2" if convs else None,
+            "num_classes": keys_shapes[convs[0]][0] if convs else None, "branches": len(convs) or None,
+            "classifier": "fc" if prefix + "fc.weight" in keys_shapes else None, "segmentor": "encoder_decoder"}
+
+
 def describe_checkpoint(keys_shapes: Mapping[str, tuple]) -> str:
     """A one-line guess of what a checkpoint holds (for error messages)."""
     prefixes = sorted({k.split(".")[0] for k in keys_shapes})
@@ -241,7 +272,13 @@ def describe_checkpoint(keys_shapes: Mapping[str, tuple]) -> str:
             if info.get("segmentor") == "hrda":
                 head = f" + HRDA ({info['decode_head']} head + scale attention)"
             parts.append(f"{root or '(root) '}{info['backbone']}{head}")
-    found = "; ".join(parts) if parts else "no MiT backbone recognised"
+        res = detect_resnet(keys_shapes, root)
+        if res:
+            head = (f" + DeepLabV2 classifier ({res['branches']} branches, {res['num_classes']} classes)"
+                    if res["decode_head"] else "")
+            head += " + ImageNet fc classifier" if res["classifier"] else ""
+            parts.append(f"{root or '(root) '}{res['backbone']} (bottlenecks per stage {res['depths']}){head}")
+    found = "; ".join(parts) if parts else "no MiT or ResNet backbone recognised"
     return f"{found}; top-level key prefixes: {', '.join(prefixes[:8])}"
 
 
@@ -249,6 +286,12 @@ def _ignored(rel_key: str, expected_keys: set[str]) -> bool:
     """Official keys with no counterpart here and no use to anyone, skipped silently (key
     relative to the prefix)."""
     if rel_key.endswith("num_batches_tracked"):
+        return True
+    # ResNets: torchvision's ImageNet classifier, and a DeepLab classifier when only the
+    # backbone is loaded (the DACS COCO init's layer5 has COCO's classes).
+    if "layer1.0.conv1.weight" in expected_keys and (
+            re.match(r"^fc\.(weight|bias)$", rel_key)
+            or (rel_key.startswith("layer5.") and not any(k.startswith("layer5.") for k in expected_keys))):
         return True
     # mit_b*.pth's ImageNet classifier.
     if re.match(r"^(backbone\.)?head\.", rel_key):
@@ -344,6 +387,11 @@ def load_torch_weights(module: nnx.Module, source, *, prefix: str = "", strict: 
 
 def _describe_module(module) -> str:
     bb = getattr(module, "backbone", module)
+    if type(bb).__name__ == "ResNet":
+        head = getattr(module, "decode_head", None)
+        extra = (f" + DeepLabV2 classifier ({head.branches} summed of {len(head.conv2d_list)} branches)"
+                 if type(head).__name__ == "DeepLabV2Head" else "")
+        return f" (resnet{bb.depth}: bottlenecks per stage {bb.depths}{extra})"
     dims, depths = getattr(bb, "embed_dims", None), getattr(bb, "depths", None)
     kind = " HRDA" if type(module).__name__ == "HRDA" else ""
     return f"{kind} (MiT dims={dims}, depths={depths})" if dims else ""

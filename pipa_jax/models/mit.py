@@ -211,7 +211,8 @@ class MixVisionTransformer(nnx.Module):
         x, _ = jax.lax.scan(body, x, (stacked, rates_arr, keys if rng is not None else None))
         return x
 
-    def __call__(self, x, *, train: bool = False, rng=None):
+    def __call__(self, x, *, train: bool = False, rng=None, use_running_average: bool | None = None):
+        del use_running_average                       # no BatchNorm in MiT (the backbone protocol has it)
         if x.ndim != 4 or x.shape[-1] != 3:
             raise ValueError(f"MiT expects NHWC images [B, H, W, 3], got shape {tuple(x.shape)}")
         if train and rng is None and max(max(r) for r in self.drop_path_rates) > 0:
@@ -224,3 +225,11 @@ class MixVisionTransformer(nnx.Module):
             x = getattr(self, f"norm{s + 1}")(x)
             outs.append(x)
         return outs
+
+
+def param_group(names: list[str], config) -> str | None:
+    """The optimizer group of a MiT parameter (path below `backbone`): its LayerNorms
+    (patch_embed*.norm, block*.norm1 / norm2, attn.norm, norm1..4) are 'no_decay' (mmseg's
+    paramwise_cfg for DAFormer), everything else the default group."""
+    del config
+    return "no_decay" if any(n.startswith("norm") for n in names[:-1]) else None

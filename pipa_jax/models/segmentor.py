@@ -35,8 +35,10 @@ def default_model_config() -> ml_collections.ConfigDict:
     """Model fields shared by every config file (the DAFormer + PiPa network by default)."""
     c = ml_collections.ConfigDict()
     c.segmentor = "encoder_decoder"  # 'encoder_decoder' (single scale) or 'hrda' (multi-resolution)
-    c.backbone = "mit_b5"          # a registered backbone: mit_b0 .. mit_b5 (docs/method.md §2.1)
-    c.decode_head = "daformer"     # 'daformer' (context-aware ASPP fusion) or 'segformer' (all-MLP)
+    c.backbone = "mit_b5"          # a registered backbone: mit_b0 .. mit_b5 (docs/method.md §2.1),
+                                   # resnet50 / resnet101 (DeepLab's dilated Caffe ResNet, §10)
+    c.decode_head = "daformer"     # 'daformer' (context-aware ASPP fusion), 'segformer' (all-MLP) or
+                                   # 'deeplabv2' (the DACS classifier on a ResNet, §10)
     c.num_classes = 19
     c.embed_dim = 256              # decoder channels
     c.drop_path_rate = 0.1         # stochastic depth over all encoder blocks
@@ -63,6 +65,14 @@ def default_model_config() -> ml_collections.ConfigDict:
     c.patch_head = True            # PiPa patch projection head (training only)
     c.patch_proj_dim = 128
     c.dtype = "float32"            # compute dtype; parameters are always float32
+    # DeepLab ResNets (backbone resnet50 / resnet101, docs/method.md §10).
+    c.resnet = ml_collections.ConfigDict()
+    c.resnet.input_convention = "caffe_bgr"  # what the weights expect: 'caffe_bgr' (BGR - Caffe mean, DACS /
+                                             # DeepLab COCO) or 'imagenet_rgb' (torchvision ImageNet)
+    c.resnet.frozen_bn_affine = True   # DACS: BN scales / biases never trained (batch statistics still used)
+    c.resnet.bn_weight_decay = True    # PyTorch SGD decays every parameter it trains, BN included
+    c.deeplabv2 = ml_collections.ConfigDict()
+    c.deeplabv2.branches = 2           # 2: the official DACS forward (d=6 + d=12 only); 4: all four summed
     # HRDA (segmentor='hrda', docs/method.md §6); ignored by 'encoder_decoder'.
     c.hrda = ml_collections.ConfigDict()
     c.hrda.context_scale = 0.5         # the context view: the whole crop resized by this factor
@@ -112,10 +122,11 @@ class Segmentor(Protocol):
     def patch_view(self, out: SegOutput) -> tuple[jax.Array, jax.Array]: ...
 
 
-def upsampled_cross_entropy(logits, labels, weight=None):
-    """CE of logits bilinearly resized (float32, align_corners=False) to the labels' size."""
-    return losses.cross_entropy(layers.resize_bilinear(logits.astype(jnp.float32), labels.shape[1:3]),
-                                labels, weight)
+def upsampled_cross_entropy(logits, labels, weight=None, *, align_corners: bool = False):
+    """CE of logits bilinearly resized (float32; align_corners=False as mmseg, True for DeepLabV2)
+    to the labels' size."""
+    return losses.cross_entropy(layers.resize_bilinear(logits.astype(jnp.float32), labels.shape[1:3],
+                                                       align_corners=align_corners), labels, weight)
 
 
 def build_pipa_heads(module, config, dims, kw) -> None:
@@ -125,7 +136,8 @@ def build_pipa_heads(module, config, dims, kw) -> None:
     rest = {k: v for k, v in kw.items() if k != "forms"}
     module.pixel_head = (heads.PixelProjectionHead(dims, config.pixel_proj_dim, forms=forms, **rest)
                          if config.pixel_head else None)
-    module.patch_head = (heads.PatchProjectionHead(config.embed_dim, config.patch_proj_dim, forms=forms, **rest)
+    fused = getattr(module.decode_head, "fused_channels", config.embed_dim)
+    module.patch_head = (heads.PatchProjectionHead(fused, config.patch_proj_dim, forms=forms, **rest)
                          if config.patch_head else None)
 
 
@@ -143,7 +155,9 @@ class EncoderDecoder(nnx.Module):
         self.backbone = registry.build_backbone(config, **kw)
         dims = self.backbone.embed_dims
         self.decode_head = registry.build_head(config, dims, **kw)
-        self.decoder_stride = registry.head_stride(config.decode_head)
+        spec = registry.head_spec(config.decode_head)
+        self.decoder_stride = spec.output_stride
+        self.align_corners = spec.align_corners
         build_pipa_heads(self, config, dims, kw)
         self.num_classes = config.num_classes
 
@@ -152,7 +166,7 @@ class EncoderDecoder(nnx.Module):
         if use_running_average is None:
             use_running_average = not train
         k_enc, k_dec = jax.random.split(rng) if rng is not None else (None, None)
-        stages = self.backbone(x, train=train, rng=k_enc)
+        stages = self.backbone(x, train=train, rng=k_enc, use_running_average=use_running_average)
         logits, fused = self.decode_head(stages, train=train, use_running_average=use_running_average,
                                          rng=k_dec, return_fused=True)
         if return_features:
@@ -165,11 +179,11 @@ class EncoderDecoder(nnx.Module):
                          decoder_features=feats["fused"])
 
     def supervised_loss(self, out: SegOutput, labels, weight=None):
-        return upsampled_cross_entropy(out.logits, labels, weight)
+        return upsampled_cross_entropy(out.logits, labels, weight, align_corners=self.align_corners)
 
     def infer_logits(self, x, *, use_running_average: bool = True):
         logits = self(x, train=False, use_running_average=use_running_average)
-        return layers.resize_bilinear(logits.astype(jnp.float32), x.shape[1:3])
+        return layers.resize_bilinear(logits.astype(jnp.float32), x.shape[1:3], align_corners=self.align_corners)
 
     def pixel_view(self, out: SegOutput, labels):
         return out.features, labels, out.logits

@@ -42,10 +42,13 @@ def convert_file(input_path: str, output_dir: str, which: str = "student", seed:
         raise convert.CheckpointError(
             f"{input_path} has no '{prefix}' keys for --which {which}: {convert.describe_checkpoint(shapes)}")
     info = convert.detect_architecture(shapes, prefix)
+    if info is None and convert.detect_resnet(shapes, prefix) is not None:
+        return _convert_resnet(ckpt, shapes, input_path, output_dir, prefix, which, trained, seed)
     if info is None:
         raise convert.CheckpointError(
-            f"{input_path} holds no MiT encoder under prefix {prefix!r}: {convert.describe_checkpoint(shapes)}. "
-            "Expected an official SegFormer mit_b*.pth or a DAFormer / HRDA / PiPa checkpoint")
+            f"{input_path} holds no MiT or ResNet encoder under prefix {prefix!r}: {convert.describe_checkpoint(shapes)}. "
+            "Expected an official SegFormer mit_b*.pth, a DAFormer / HRDA / PiPa checkpoint, a DeepLab / "
+            "torchvision ResNet or a DACS checkpoint")
     if not info["backbone"].startswith("mit_b"):
         raise convert.CheckpointError(f"{input_path}: unsupported encoder {info['backbone']}")
     if info["decode_head"] == "unknown":
@@ -78,6 +81,34 @@ def convert_file(input_path: str, output_dir: str, which: str = "student", seed:
     source = {"input": input_path, "prefix": prefix, "which": which if trained else "imagenet_encoder",
               "loaded_tensors": len(report.loaded), "skipped_training_only": report.skipped,
               "initialised_not_loaded": [] if info["decode_head"] else ["decode_head", "pixel_head", "patch_head"]}
+    model_io.save_model(output_dir, model, config, source=source)
+    return {"config": config.to_dict(), **source}
+
+
+def _convert_resnet(ckpt, shapes, input_path, output_dir, prefix, which, trained, seed) -> dict:
+    """DeepLabV2 (DACS checkpoints, the COCO init) or a bare torchvision ImageNet ResNet."""
+    info = convert.detect_resnet(shapes, prefix)
+    if not info["backbone"].startswith("resnet"):
+        raise convert.CheckpointError(f"{input_path}: unsupported encoder {info['backbone']} "
+                                      "(pipa_jax builds resnet50 = (3, 4, 6, 3) and resnet101 = (3, 4, 23, 3))")
+    config = default_model_config()
+    config.backbone = info["backbone"]
+    config.decode_head = "deeplabv2"
+    config.pixel_head = config.patch_head = False
+    # torchvision's ImageNet files (with their `fc`) were trained on ImageNet-normalised RGB; the
+    # DeepLab / DACS files on BGR minus the Caffe mean. (torchvision's stride sits on the 3x3 conv;
+    # its weights still run in the DeepLab graph, as ProDA does.)
+    config.resnet.input_convention = "imagenet_rgb" if info["classifier"] == "fc" else "caffe_bgr"
+    # A 19-class DeepLabV2 classifier loads with the model; any other (the COCO init's) stays at init.
+    with_head = info["decode_head"] == "deeplabv2" and trained
+    if with_head:
+        config.num_classes = int(info["num_classes"])
+    model = build_segmentor(config, seed=seed)
+    report = convert.load_torch_weights(model if with_head else model.backbone, ckpt, prefix=prefix)
+    source = {"input": input_path, "prefix": prefix, "which": which if trained else "pretrained_encoder",
+              "loaded_tensors": len(report.loaded), "skipped_training_only": report.skipped,
+              "initialised_not_loaded": [] if with_head else ["decode_head"],
+              "input_convention": config.resnet.input_convention}
     model_io.save_model(output_dir, model, config, source=source)
     return {"config": config.to_dict(), **source}
 
