@@ -63,6 +63,8 @@ def base_config() -> ml_collections.ConfigDict:
     c.data.source_size = (1280, 720)     # keep-ratio resize (long side, short side): GTA 1914x1052 -> 1280x704;
                                          # SYNTHIA recipes use (1280, 760), HRDA (2560, 1440)
     c.data.target_size = (1024, 512)     # Cityscapes train and test resize (long, short); PiPa's release (1280, 640)
+    c.data.source_keep_ratio = True      # False: resize the source to exactly source_size (DACS: GTA5 720x1280)
+    c.data.target_keep_ratio = True
     c.data.source_cat_max_ratio = 0.75   # source crops redrawn (<= 10x) until no class covers >= this; 1 = off
     c.data.workers = 0                   # grain worker processes (mp_prefetch); 0 = threads in this process.
                                          # GTA-size decoding needs ~4-8 on a GPU/TPU host
@@ -98,6 +100,8 @@ def base_config() -> ml_collections.ConfigDict:
     c.eval.stride = (512, 512)           # slide: window step (height, width), at most crop_size;
                                          # logits of overlapping windows are averaged
     c.eval.miou_subsets = (19,)          # mIoU rows reported: 19 and SYNTHIA's 16 / 13 classes
+    c.eval.labels_at_test_size = False   # True: Cityscapes val labels nearest-resized to the test size (DACS's
+                                         # evaluator: half-resolution labels); False: full-resolution labels
 
     c.optimizer = ml_collections.ConfigDict()
     c.optimizer.name = "adamw"           # 'adamw' (DAFormer / HRDA / MIC / PiPa) or 'sgd' (DACS / ProDA)
@@ -123,6 +127,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.uda.margin_top = 15                # pseudo-label weight 0 on the top rows of the target crop
     c.uda.margin_bottom = 120            # ... and on the bottom rows (DAFormer: the ego vehicle)
     c.uda.mix_ignore_class = True        # official ClassMix quirk: 255 counts as a class to paste
+    c.uda.source_ce_average = "all"      # source CE over all pixels (mmseg) or 'valid' ones (DACS)
+    c.uda.mix_per_image_classes = False  # True: classes drawn from each source image's own labels (DACS);
+                                         # False: from the whole source batch (DAFormer / HRDA / MIC / PiPa)
     c.uda.strong_augment = True          # colour jitter + Gaussian blur on the mixed images
     c.uda.jitter_p = 0.2
     c.uda.jitter_strength = 0.2
@@ -332,6 +339,8 @@ def _validate_optimizer_and_network(c: ml_collections.ConfigDict, err) -> None:
         err("optimizer.sgd_duplicate_updates", True, "False with optimizer.name = 'adamw' (it reproduces DACS's SGD)")
     if o.get("name") == "sgd" and not 0 <= o.momentum < 1:
         err("optimizer.momentum", o.momentum, "a value in [0, 1)")
+    if c.uda.get("source_ce_average", "all") not in ("all", "valid"):
+        err("uda.source_ce_average", c.uda.source_ce_average, "'all' (mmseg) or 'valid' (DACS)")
     if m.resnet.input_convention not in ("caffe_bgr", "imagenet_rgb"):
         err("model.resnet.input_convention", m.resnet.input_convention, "'caffe_bgr' or 'imagenet_rgb'")
     if int(m.deeplabv2.branches) not in (1, 2, 3, 4):

@@ -1,7 +1,8 @@
 """The real-benchmark path end to end, as a user runs it, on fake dataset layouts built from the
 real sample frames: prepare_data -> training (the configs' `smoke` variant through
 `python -m pipa_jax.main`) -> `python -m pipa_jax.evaluate` -> `python -m pipa_jax.predict`,
-for GTA5 -> Cityscapes (DAFormer + PiPa) and SYNTHIA -> Cityscapes (16-bit labels; mIoU16/13).
+for GTA5 -> Cityscapes (DAFormer + PiPa; DACS on DeepLabV2) and SYNTHIA -> Cityscapes (16-bit
+labels; mIoU16/13).
 """
 import glob
 import json
@@ -37,7 +38,8 @@ def layouts(tmp_path_factory):
 
 
 @pytest.mark.parametrize("config,source,method", [("gta2cs.py", "gta", "pipa"),
-                                                   ("synthia2cs.py", "synthia", "daformer")])
+                                                   ("synthia2cs.py", "synthia", "daformer"),
+                                                   ("gta2cs_dacs.py", "gta", "dacs")])
 def test_prepare_train_evaluate_predict(layouts, tmp_path, xla_cache_dir, config, source, method):
     cfg = os.path.join(ROOT, "configs", config) + f":method={method},smoke"
     roots = [f"--config.data.source_root={layouts[source]}",

@@ -14,6 +14,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from pipa_jax import convert, labels
+from pipa_jax.terms import base as terms_base
 from pipa_jax.models import build_segmentor, default_model_config, resnet
 
 CAFFE_MEAN = np.array((104.00698793, 116.66876762, 122.67891434), np.float32)
@@ -246,3 +247,44 @@ def test_wrong_depth_and_wrong_family_say_what_the_file_holds():
         convert.load_torch_weights(ours(50), mit)
     msg = str(e.value)
     assert "mit_b0 + daformer head" in msg and "resnet50" in msg and "nothing matched" in msg
+
+
+def test_training_gradients_match_pytorch():
+    """The supervised loss of a train-mode forward (batch statistics), upsampled with
+    align_corners=True and averaged over labelled pixels (DACS's source CE), and its gradients:
+    the stem conv, a dilated block, a shortcut and the classifier. Backbone gradients through
+    train-mode BN of a batch of 2 small maps are ill-conditioned (measured: PyTorch float32 is ~1 %
+    of the largest gradient away from float64), so the reference is PyTorch in float64 and the test
+    asks for PyTorch float32's own accuracy (within 2x of its error, or 1e-6 of the scale)."""
+    import copy
+    ref = randomised(RefDeepLabV2((3, 4, 6, 3)), seed=6).train()
+    model = ours(50)
+    convert.load_torch_weights(model, ref.state_dict())
+    img = images(2, 64, 72, seed=7)
+    lab = np.random.default_rng(8).integers(0, 19, (2, 64, 72)).astype(np.int32)
+    lab[:, :5] = 255
+    want = {}
+    for dt in (torch.float32, torch.float64):
+        r = copy.deepcopy(ref).to(dt)
+        logits = F.interpolate(r(torch_input(img).to(dt)), size=(64, 72), mode="bilinear", align_corners=True)
+        value = F.cross_entropy(logits, torch.from_numpy(lab).long(), ignore_index=255)
+        value.backward()
+        want[dt] = (value.item(), {k: p.grad.double().numpy() for k, p in r.named_parameters() if p.grad is not None})
+
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+
+    def loss(p, r):
+        m = terms_base.merge(graphdef, p, r)   # the train step's merge (fresh Variables in this trace)
+        out = m.forward_train(labels.normalize(img), rng=jax.random.key(0))
+        return m.supervised_loss(out, jnp.asarray(lab), average="valid")
+    value, grads = jax.value_and_grad(loss)(params, rest)
+    np.testing.assert_allclose(float(value), want[torch.float64][0], rtol=1e-5)
+    got = convert.export_torch_state_dict(nnx.merge(graphdef, grads, rest))
+    for key in ("conv1.weight", "layer3.2.conv2.weight", "layer1.0.downsample.0.weight", "layer5.conv2d_list.1.weight",
+                "layer5.conv2d_list.0.bias"):
+        exact, torch32 = want[torch.float64][1][key], want[torch.float32][1][key]
+        scale = np.abs(exact).max()
+        bound = max(2 * np.abs(torch32 - exact).max(), 1e-6 * scale)
+        assert np.abs(got[key] - exact).max() <= bound, (key, np.abs(got[key] - exact).max(), bound, scale)
+    # The branches the official forward skips get no gradient.
+    assert not np.any(got["layer5.conv2d_list.3.weight"])

@@ -52,12 +52,16 @@ def make_source(name: str, split: str, c: ml_collections.ConfigDict):
         scale = float(c.data.get("synthetic_scale", 1.0))
         return src if scale == 1.0 else ScaledSource(src, scale, scale_labels=split == "train")
     if name in REAL:
-        full_res_label = name == "cityscapes" and split == "val"
+        # eval.labels_at_test_size: DACS's own evaluator, labels nearest-resized to the test size.
+        full_res_label = name == "cityscapes" and split == "val" and not c.eval.get("labels_at_test_size", False)
         size = source_size(name, c)
+        # DACS resizes GTA5 to exactly 1280x720 (data.source_keep_ratio = False); Cityscapes'
+        # 2:1 frames fit their box either way.
+        keep_ratio = bool(c.data.get("target_keep_ratio" if name == "cityscapes" else "source_keep_ratio", True))
         if c.data.format == "tfds":
             from pipa_jax.data import tfds_builders  # imports TFDS only when asked for
             return tfds_builders.TfdsSource(name, split, c.data.tfds_data_dir or None, size,
-                                            full_res_label)
+                                            full_res_label, keep_ratio)
         if c.data.format != "files":
             raise ValueError(f"config.data.format = {c.data.format!r}: expected 'files' or 'tfds'")
         root = c.data.target_root if name == "cityscapes" else c.data.source_root
@@ -66,7 +70,7 @@ def make_source(name: str, split: str, c: ml_collections.ConfigDict):
             raise sources.DatasetLayoutError(
                 f"config.data.{key} is empty: set it to the {name} root, e.g. "
                 f"--config.data.{key}=/data/{name} (then run {sources.prepare_command(name, '/data/' + name)} once)")
-        return sources.FileSource(name, root, split, size, full_res_label)
+        return sources.FileSource(name, root, split, size, full_res_label, keep_ratio)
     raise ValueError(f"unknown data source {name!r}; expected one of {SYNTHETIC + REAL}")
 
 

@@ -353,7 +353,8 @@ class FileSource:
     """
 
     def __init__(self, dataset: str, root: str, split: str = "train",
-                 size: tuple[int, int] | None = None, full_res_label: bool = False):
+                 size: tuple[int, int] | None = None, full_res_label: bool = False, keep_ratio: bool = True):
+        self.keep_ratio = bool(keep_ratio)
         if dataset not in DATASETS:
             raise ValueError(f"unknown dataset {dataset!r}; expected one of {DATASETS}")
         if dataset in ("gta", "synthia") and split != "train":
@@ -376,7 +377,7 @@ class FileSource:
         it = self.items[i]
         image = io_lib.read_image(it.image)
         label = read_train_label(self.dataset, it.train_label, self.root)
-        return finish_example(image, label, it.name, self.size, self.full_res_label)
+        return finish_example(image, label, it.name, self.size, self.full_res_label, self.keep_ratio)
 
     def class_stats(self) -> dict:
         """Pixel counts per image in this source's order (for Rare Class Sampling)."""
@@ -401,10 +402,10 @@ def align_stats(stats: dict, names: list[str], where: str, fix: str) -> np.ndarr
 
 
 def finish_example(image: np.ndarray, label: np.ndarray, name: str,
-                   size: tuple[int, int] | None, full_res_label: bool) -> dict:
-    """Keep-ratio resize (docs/method.md §8) of a decoded pair -> the example dict."""
+                   size: tuple[int, int] | None, full_res_label: bool, keep_ratio: bool = True) -> dict:
+    """Keep-ratio (or, keep_ratio=False, exact) resize (docs/method.md §8) of a decoded pair -> the example dict."""
     if size is not None:
-        h, w = transforms.rescale_size(image.shape[:2], size)
+        h, w = transforms.rescale_size(image.shape[:2], size, keep_ratio)
         if (h, w) != image.shape[:2]:
             image = transforms.resize_bilinear(image, (h, w))
         if not full_res_label and label.shape != (h, w):

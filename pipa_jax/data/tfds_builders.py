@@ -132,7 +132,8 @@ class TfdsSource:
     """
 
     def __init__(self, dataset: str, split: str, data_dir: str | None,
-                 size: tuple[int, int] | None = None, full_res_label: bool = False):
+                 size: tuple[int, int] | None = None, full_res_label: bool = False, keep_ratio: bool = True):
+        self.keep_ratio = bool(keep_ratio)
         if dataset not in BUILDERS:
             raise ValueError(f"unknown dataset {dataset!r}; expected one of {tuple(BUILDERS)}")
         self.dataset, self.split, self.data_dir = dataset, split, data_dir
@@ -174,7 +175,7 @@ class TfdsSource:
         if label.ndim == 3:
             label = label[..., 0]
         return sources.finish_example(np.asarray(ex["image"]), label, name, self.size,
-                                      self.full_res_label)
+                                      self.full_res_label, self.keep_ratio)
 
     def class_stats(self) -> np.ndarray:
         meta = BUILDERS[self.dataset](data_dir=self.data_dir).info.metadata

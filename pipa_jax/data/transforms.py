@@ -18,11 +18,15 @@ import numpy as np
 from pipa_jax import labels as L
 
 
-def rescale_size(hw: tuple[int, int], size: tuple[int, int]) -> tuple[int, int]:
+def rescale_size(hw: tuple[int, int], size: tuple[int, int], keep_ratio: bool = True) -> tuple[int, int]:
     """Keep-ratio target (height, width) for an image of `hw` and `size` = (long, short) side:
-    scale = min(long / max(h, w), short / min(h, w)); e.g. 1052x1914 with (1280, 720) -> 704x1280."""
+    scale = min(long / max(h, w), short / min(h, w)); e.g. 1052x1914 with (1280, 720) -> 704x1280.
+    keep_ratio=False: exactly the long x short box, the long side along the image's (DACS resizes
+    GTA5 so to 720x1280)."""
     h, w = int(hw[0]), int(hw[1])
     long_side, short_side = max(size), min(size)
+    if not keep_ratio:
+        return (short_side, long_side) if w >= h else (long_side, short_side)
     scale = min(long_side / max(h, w), short_side / min(h, w))
     return int(h * scale + 0.5), int(w * scale + 0.5)
 

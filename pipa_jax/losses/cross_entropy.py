@@ -24,8 +24,9 @@ def cross_entropy(
     labels: jax.Array,
     weight: jax.Array | None = None,
     ignore_index: int = IGNORE_INDEX,
+    average: str = "all",
 ) -> jax.Array:
-    """Mean pixel-wise cross-entropy, mmseg style.
+    """Mean pixel-wise cross-entropy, mmseg style (or, average='valid', over non-ignored pixels).
 
     Args:
       logits: [B, H, W, C] unnormalised class scores (any float dtype; computed in >= float32).
@@ -33,6 +34,8 @@ def cross_entropy(
       weight: optional [B, H, W] per-pixel weight (e.g. the pseudo-label weight of the mixed
         image); None means 1 everywhere.
       ignore_index: label value that contributes nothing.
+      average: 'all' (below) or 'valid': divide by the number of non-ignored pixels instead (at
+        least 1), as DACS's CrossEntropy2d for the source loss.
 
     Returns:
       Scalar: sum over non-ignored pixels of weight * CE, divided by the number of ALL pixels
@@ -47,6 +50,8 @@ def cross_entropy(
             f"got logits {logits.shape} and labels {labels.shape} (resize the logits to the "
             "label resolution first)"
         )
+    if average not in ("all", "valid"):
+        raise ValueError(f"cross_entropy average={average!r}: expected 'all' or 'valid'")
     if weight is not None and weight.shape != labels.shape:
         raise ValueError(f"weight must have the labels' shape {labels.shape}, got {weight.shape}")
     logits = _at_least_f32(logits)
@@ -58,4 +63,6 @@ def cross_entropy(
         w = valid.astype(ce.dtype)
     else:
         w = jnp.where(valid, weight.astype(ce.dtype), 0.0)
+    if average == "valid":
+        return jnp.sum(ce * w) / jnp.maximum(jnp.sum(valid), 1).astype(ce.dtype)
     return jnp.sum(ce * w) / labels.size

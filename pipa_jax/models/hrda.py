@@ -182,19 +182,19 @@ class HRDA(nnx.Module):
         start = (0, box[0], box[1]) + (0,) * (maps.ndim - 3)
         return jax.lax.dynamic_slice(maps, start, (maps.shape[0],) + self.hr_crop + maps.shape[3:])
 
-    def supervised_loss(self, out: SegOutput, labels, weight=None):
+    def supervised_loss(self, out: SegOutput, labels, weight=None, *, average: str = "all"):
         size = (out.logits.shape[1] * self.head_stride, out.logits.shape[2] * self.head_stride)
         if tuple(labels.shape[1:3]) != size:
             raise ValueError(f"HRDA's loss needs labels at the input resolution {size} (the detail box is in "
                              f"input pixels), got {tuple(labels.shape[1:3])}")
         hr_w, lr_w = self.hr_loss_weight, self.lr_loss_weight
-        loss = (1.0 - hr_w - lr_w) * upsampled_cross_entropy(out.logits, labels, weight)
+        loss = (1.0 - hr_w - lr_w) * upsampled_cross_entropy(out.logits, labels, weight, average=average)
         if hr_w > 0:
             hr_weight = None if weight is None else self.crop_to_box(out, weight)
             loss = loss + hr_w * upsampled_cross_entropy(out.extras["hr_logits"], self.crop_to_box(out, labels),
-                                                         hr_weight)
+                                                         hr_weight, average=average)
         if lr_w > 0:
-            loss = loss + lr_w * upsampled_cross_entropy(out.extras["lr_weighted"], labels, weight)
+            loss = loss + lr_w * upsampled_cross_entropy(out.extras["lr_weighted"], labels, weight, average=average)
         return loss
 
     def detail_logits(self, x, *, use_running_average: bool):

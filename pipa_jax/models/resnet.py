@@ -70,7 +70,8 @@ def max_pool_ceil(x, k: int = 3, s: int = 2, p: int = 1):
         out = _ceil_pool_size(n, k, s, p)
         pads.append((p, (out - 1) * s + k - n - p))
     pads.append((0, 0))
-    init = jnp.array(-jnp.inf, x.dtype)
+    # A concrete -inf init makes JAX use its differentiable max-window primitive.
+    init = np.array(-np.inf, x.dtype)
     return jax.lax.reduce_window(x, init, jax.lax.max, (1, k, k, 1), (1, s, s, 1), pads)
 
 

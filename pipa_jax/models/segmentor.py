@@ -6,8 +6,9 @@ A segmentor (EncoderDecoder here, HRDA in pipa_jax/models/hrda.py) provides:
   (dropout and drop path on, BatchNorm on batch statistics). Whatever randomness the forward
   has (HRDA's detail crop box) is drawn from `rng` and returned in the output, never kept in
   module state.
-- `supervised_loss(out, labels, weight=None) -> scalar`: the segmentation loss of a training
-  forward against labels at the input resolution (docs/method.md §2.4; HRDA §6.5).
+- `supervised_loss(out, labels, weight=None, *, average='all') -> scalar`: the segmentation loss
+  of a training forward against labels at the input resolution (docs/method.md §2.4; HRDA §6.5);
+  `average` = 'valid' divides by the labelled pixels instead of all (DACS's source loss).
 - `infer_logits(x, *, use_running_average=True) -> [B, H, W, K]` float32 logits at the input
   size: teacher pseudo-labels (with use_running_average=False: batch statistics) and evaluation.
 - `pixel_view(out, labels)` and `patch_view(out)`: which features and aligned labels PiPa's two
@@ -116,17 +117,18 @@ class Segmentor(Protocol):
     num_classes: int
 
     def forward_train(self, x, *, rng, use_running_average: bool = False) -> SegOutput: ...
-    def supervised_loss(self, out: SegOutput, labels, weight=None) -> jax.Array: ...
+    def supervised_loss(self, out: SegOutput, labels, weight=None, *, average: str = "all") -> jax.Array: ...
     def infer_logits(self, x, *, use_running_average: bool = True) -> jax.Array: ...
     def pixel_view(self, out: SegOutput, labels) -> tuple[Any, jax.Array, jax.Array]: ...
     def patch_view(self, out: SegOutput) -> tuple[jax.Array, jax.Array]: ...
 
 
-def upsampled_cross_entropy(logits, labels, weight=None, *, align_corners: bool = False):
+def upsampled_cross_entropy(logits, labels, weight=None, *, align_corners: bool = False, average: str = "all"):
     """CE of logits bilinearly resized (float32; align_corners=False as mmseg, True for DeepLabV2)
     to the labels' size."""
     return losses.cross_entropy(layers.resize_bilinear(logits.astype(jnp.float32), labels.shape[1:3],
-                                                       align_corners=align_corners), labels, weight)
+                                                       align_corners=align_corners), labels, weight,
+                                average=average)
 
 
 def build_pipa_heads(module, config, dims, kw) -> None:
@@ -178,8 +180,8 @@ class EncoderDecoder(nnx.Module):
         return SegOutput(logits=logits, features=tuple(feats["stages"]), feature_input=x,
                          decoder_features=feats["fused"])
 
-    def supervised_loss(self, out: SegOutput, labels, weight=None):
-        return upsampled_cross_entropy(out.logits, labels, weight, align_corners=self.align_corners)
+    def supervised_loss(self, out: SegOutput, labels, weight=None, *, average: str = "all"):
+        return upsampled_cross_entropy(out.logits, labels, weight, align_corners=self.align_corners, average=average)
 
     def infer_logits(self, x, *, use_running_average: bool = True):
         logits = self(x, train=False, use_running_average=use_running_average)

@@ -6,18 +6,20 @@ from __future__ import annotations
 from pipa_jax.terms.base import Term, TermOut, register_term
 
 
-def supervised_loss_of(view_name: str):
+def supervised_loss_of(view_name: str, average: str = "all"):
     """A term function: the segmentor's supervised loss of the view `view_name` (its labels and
-    pixel weights)."""
+    pixel weights), averaged over all pixels or the labelled ones (`average`)."""
     def fn(ctx, state):
         v = ctx.get(view_name)
-        return TermOut(ctx.model.supervised_loss(v.out, v.labels, v.weight))
+        return TermOut(ctx.model.supervised_loss(v.out, v.labels, v.weight, average=average))
     return fn
 
 
 @register_term("source_ce")
 def source_ce(config):
-    return Term("source_ce", supervised_loss_of("source"), needs=("source",))
+    # uda.source_ce_average: 'all' (mmseg, DAFormer-family) or 'valid' (DACS's CrossEntropy2d).
+    return Term("source_ce", supervised_loss_of("source", config.uda.get("source_ce_average", "all")),
+                needs=("source",))
 
 
 @register_term("target_ce")

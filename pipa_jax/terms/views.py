@@ -79,7 +79,8 @@ def class_mix_batch(ctx: StepContext) -> MixedBatch:
     u = ctx.config.uda
     xs, ys = source_input(ctx)
     pseudo = ctx.get("pseudo")
-    mask = uda.class_mix_masks(ctx.key("class_mix"), ys, include_ignore=u.mix_ignore_class)
+    mask = uda.class_mix_masks(ctx.key("class_mix"), ys, include_ignore=u.mix_ignore_class,
+                               per_image_classes=bool(u.get("mix_per_image_classes", False)))
     images = uda.mix(mask, xs, target_images(ctx))
     if u.strong_augment:
         images = uda.strong_augment(ctx.key("strong_augment"), images, jitter_p=u.jitter_p,
