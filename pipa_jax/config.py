@@ -114,7 +114,7 @@ def base_config() -> ml_collections.ConfigDict:
                                             # names them: MiT's LayerNorms, official paramwise_cfg)
     c.optimizer.momentum = 0.9           # sgd only
     # sgd only: reproduce the official DACS parameter list, which repeats backbone convs (3x, shortcuts
-    # 4x) so that SGD updates them that many times a step (pipa_jax.optim, docs/method.md §10.3).
+    # 4x) so that SGD updates them that many times a step (pipa_jax.optim, docs/method.md §14.3).
     c.optimizer.sgd_duplicate_updates = False
     c.optimizer.warmup_steps = 1500
     c.optimizer.warmup_ratio = 1e-6      # linear warmup starts at lr * ratio

@@ -1,4 +1,4 @@
-"""The optimizers of the recipes, their parameter groups and schedules (docs/method.md §3, §10.3).
+"""The optimizers of the recipes, their parameter groups and schedules (docs/method.md §3, §14.3).
 
 - 'adamw' (DAFormer, HRDA, MIC, PiPa): AdamW, the head at head_lr_mult x lr, mmcv's linear
   warmup x poly schedule, no decay on the encoder's norm parameters unless encoder_norm_decay.

@@ -104,13 +104,21 @@ def randomised(ref, seed=0):
     return ref
 
 
+_BUILT = {}
+
+
 def ours(depth, branches=2, num_classes=19):
-    c = default_model_config()
-    c.backbone, c.decode_head = f"resnet{depth}", "deeplabv2"
-    c.pixel_head = c.patch_head = False
-    c.deeplabv2.branches = branches
-    c.num_classes = num_classes
-    return build_segmentor(c)
+    """A fresh copy of our DeepLabV2 (built once per kind: eager initialisation of a ResNet takes
+    10-20 s on this CPU, a copy none)."""
+    key = (depth, branches, num_classes)
+    if key not in _BUILT:
+        c = default_model_config()
+        c.backbone, c.decode_head = f"resnet{depth}", "deeplabv2"
+        c.pixel_head = c.patch_head = False
+        c.deeplabv2.branches = branches
+        c.num_classes = num_classes
+        _BUILT[key] = build_segmentor(c)
+    return nnx.clone(_BUILT[key])
 
 
 def images(n, h, w, seed=0):
@@ -207,6 +215,8 @@ def test_official_key_names_and_round_trip():
     assert {"conv1.weight", "bn1.running_var", "layer1.0.downsample.0.weight", "layer3.22.conv3.weight",
             "layer5.conv2d_list.3.bias"} <= set(sd)
     other = ours(101)
+    nnx.update(other, jax.tree.map(lambda a: a + 1.0, nnx.state(other)))   # differ everywhere first
+    assert not np.array_equal(np.asarray(other.backbone.conv1.kernel[...]), np.asarray(model.backbone.conv1.kernel[...]))
     convert.load_torch_weights(other, sd)
     for a, b in zip(jax.tree.leaves(nnx.state(model)), jax.tree.leaves(nnx.state(other))):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
@@ -288,3 +298,23 @@ def test_training_gradients_match_pytorch():
         assert np.abs(got[key] - exact).max() <= bound, (key, np.abs(got[key] - exact).max(), bound, scale)
     # The branches the official forward skips get no gradient.
     assert not np.any(got["layer5.conv2d_list.3.weight"])
+
+
+def test_convert_checkpoint_tool_on_a_dacs_file(tmp_path):
+    """A DACS training checkpoint (.pth with 'model' / 'ema_model') -> a model directory ->
+    model_io.load_model: the teacher's logits come back."""
+    from pipa_jax import model_io
+    from pipa_jax.tools import convert_checkpoint
+    student, teacher = ours(50), ours(50)
+    for conv in teacher.decode_head.conv2d_list:              # tell the two apart
+        conv.bias[...] = conv.bias[...] + 1.0
+    to_t = lambda sd: {k: torch.from_numpy(np.array(v)) for k, v in sd.items()}
+    path = tmp_path / "dacs.pth"
+    torch.save({"iteration": 10, "model": to_t(convert.export_torch_state_dict(student)),
+                "ema_model": to_t(convert.export_torch_state_dict(teacher))}, path)
+    summary = convert_checkpoint.convert_file(str(path), str(tmp_path / "ckpt"), which="teacher")
+    assert summary["config"]["backbone"] == "resnet50" and summary["config"]["decode_head"] == "deeplabv2"
+    assert summary["prefix"] == "ema_model." and summary["input_convention"] == "caffe_bgr"
+    loaded = model_io.load_model(str(tmp_path / "ckpt"))
+    x = labels.normalize(images(1, 40, 48))
+    np.testing.assert_allclose(np.asarray(loaded(x)), np.asarray(teacher(x)), atol=1e-5)

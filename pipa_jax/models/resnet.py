@@ -1,5 +1,5 @@
 """DeepLabV2: the dilated Caffe-style ResNet and its ASPP-sum classifier, as DACS and ProDA build
-them (docs/method.md §10).
+them (docs/method.md §14).
 
 Backbone (`ResNet`, depths 50 = [3, 4, 6, 3] and 101 = [3, 4, 23, 3] bottlenecks, expansion 4):
 - stem: 7x7/2 conv (pad 3, no bias) -> BN -> ReLU -> 3x3/2 max-pool with pad 1 in CEIL mode;
@@ -224,7 +224,7 @@ def duplicate_counts(names: list[str]) -> int:
     """How often the official DACS / ProDA `get_1x_lr_params_NOscale` lists a backbone parameter
     (path below `backbone`): once per enclosing module, so the stem 1x, block convs / BNs 3x
     (layerX, layerX[i], the leaf) and the shortcut 4x (also `downsample`). SGD then applies its
-    update that many times per step (docs/method.md §10.3)."""
+    update that many times per step (docs/method.md §14.3)."""
     if names[0].startswith("layer"):
         return 4 if "downsample" in names else 3
     return 1

@@ -37,9 +37,9 @@ def default_model_config() -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
     c.segmentor = "encoder_decoder"  # 'encoder_decoder' (single scale) or 'hrda' (multi-resolution)
     c.backbone = "mit_b5"          # a registered backbone: mit_b0 .. mit_b5 (docs/method.md §2.1),
-                                   # resnet50 / resnet101 (DeepLab's dilated Caffe ResNet, §10)
+                                   # resnet50 / resnet101 (DeepLab's dilated Caffe ResNet, §14)
     c.decode_head = "daformer"     # 'daformer' (context-aware ASPP fusion), 'segformer' (all-MLP) or
-                                   # 'deeplabv2' (the DACS classifier on a ResNet, §10)
+                                   # 'deeplabv2' (the DACS classifier on a ResNet, §14)
     c.num_classes = 19
     c.embed_dim = 256              # decoder channels
     c.drop_path_rate = 0.1         # stochastic depth over all encoder blocks
@@ -66,7 +66,7 @@ def default_model_config() -> ml_collections.ConfigDict:
     c.patch_head = True            # PiPa patch projection head (training only)
     c.patch_proj_dim = 128
     c.dtype = "float32"            # compute dtype; parameters are always float32
-    # DeepLab ResNets (backbone resnet50 / resnet101, docs/method.md §10).
+    # DeepLab ResNets (backbone resnet50 / resnet101, docs/method.md §14).
     c.resnet = ml_collections.ConfigDict()
     c.resnet.input_convention = "caffe_bgr"  # what the weights expect: 'caffe_bgr' (BGR - Caffe mean, DACS /
                                              # DeepLab COCO) or 'imagenet_rgb' (torchvision ImageNet)
