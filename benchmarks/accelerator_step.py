@@ -8,6 +8,8 @@ Recipes (the config files' own settings, MiT-b5, bfloat16 compute, random weight
 the released crop size; the data pipeline is not part of the measurement):
   daformer_pipa  configs/gta2cs.py:method=pipa       (640x640 crops, 2 + 2 images)
   hrda_pipa      configs/gta2cs_hrda.py:method=pipa  (1024x1024 crops, 512 detail crop, 2 + 2 images)
+  dacs           configs/gta2cs_dacs.py              (DeepLabV2-ResNet-101, 512x512 crops, 2 + 2 images;
+                                                      its config computes in float32, measured here in bfloat16)
 On GPU / TPU the step is compiled and timed (`--repeats` steps after one warm-up). On CPU it is
 only lowered, with the accelerator's compute forms (native depthwise and 1x1 convolutions, dense
 attention), so the FLOPs are those an accelerator runs, and the script prints the on-paper time of
@@ -43,7 +45,8 @@ from pipa_jax.models import layers  # noqa: E402
 from train_step import time_steps  # noqa: E402  (benchmarks/, the script's own folder)
 
 RECIPES = {"daformer_pipa": ("configs/gta2cs.py", "method=pipa"),
-           "hrda_pipa": ("configs/gta2cs_hrda.py", "method=pipa")}
+           "hrda_pipa": ("configs/gta2cs_hrda.py", "method=pipa"),
+           "dacs": ("configs/gta2cs_dacs.py", "")}
 # Dense bf16 peak FLOP/s per chip, for the MFU of a measured step and the on-paper times.
 PEAKS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "TPU v5e": 197e12, "TPU v4": 275e12,
          "TPU v5p": 459e12, "TPU v6e": 918e12}
@@ -58,6 +61,7 @@ def recipe_config(name: str):
     c = module.get_config(arg)
     c.model.pretrained = ""
     c.model.require_pretrained = False
+    c.model.dtype = "bfloat16"            # every recipe at the accelerators' compute type
     c.compilation_cache_dir = ""
     # The data axis: as many devices as the batch can fill (2 + 2 images use at most 2).
     c.mesh_shape = math.gcd(int(c.batch_size), jax.device_count())
@@ -133,7 +137,7 @@ def render(result) -> str:
              f"Backend: {result['backend']}, {result['devices']}, jax {result['jax']}", ""]
     for r in result["rows"]:
         lines += [f"## {r['recipe']}: `{r['config']}`", "",
-                  f"MiT {r['backbone']}, {r['segmentor']}, {r['crop'][0]}x{r['crop'][1]} crops, "
+                  f"{r['backbone']}, {r['segmentor']}, {r['crop'][0]}x{r['crop'][1]} crops, "
                   f"{r['batch_per_domain']} + {r['batch_per_domain']} images, {r['dtype']} compute, {r['steps']} steps.", "",
                   f"- FLOPs per step (XLA cost analysis, lowered program): {r['flops_per_step'] / 1e12:.2f} TFLOP",
                   f"- lowering: {r['lower_s']:.1f} s"]

@@ -18,13 +18,9 @@ is specific to SYNTHIA (docs/method.md §8):
   every method defaults to DAFormer's SYNTHIA setting here (Cityscapes 1024x512, 512 crops, test
   1024x512 whole). If released SYNTHIA weights were trained at 640, evaluate them with res=640.
 """
-import importlib.util
-import os
+from pipa_jax import config as config_lib
 
-_spec = importlib.util.spec_from_file_location(
-    "pipa_jax_configs_gta2cs", os.path.join(os.path.dirname(os.path.abspath(__file__)), "gta2cs.py"))
-_gta2cs = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(_gta2cs)
+_gta2cs = config_lib.sibling_config(__file__, "gta2cs.py")
 
 
 def get_config(arg: str = ""):

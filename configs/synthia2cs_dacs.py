@@ -12,13 +12,9 @@ are kept at their size and cropped to 512x512. Reported: mIoU over 19, 16 and 13
 19-class model is not in the code: here the averages are restricted, the IoUs come from the full
 19-class confusion matrix).
 """
-import importlib.util
-import os
+from pipa_jax import config as config_lib
 
-_spec = importlib.util.spec_from_file_location(
-    "pipa_jax_configs_gta2cs_dacs", os.path.join(os.path.dirname(os.path.abspath(__file__)), "gta2cs_dacs.py"))
-_dacs = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(_dacs)
+_dacs = config_lib.sibling_config(__file__, "gta2cs_dacs.py")
 
 
 def get_config(arg: str = ""):

@@ -11,13 +11,9 @@ docstring lists every difference from the official code and why. What is specifi
 SYNTHIA-RAND-CITYSCAPES (1280x760) is resized into 2560x1520 (2x), and results are reported as
 mIoU over 16 and 13 classes besides 19 (published: HRDA 65.8 / 72.4, HRDA + PiPa 68.2 / 74.8).
 """
-import importlib.util
-import os
+from pipa_jax import config as config_lib
 
-_spec = importlib.util.spec_from_file_location(
-    "pipa_jax_configs_gta2cs_hrda", os.path.join(os.path.dirname(os.path.abspath(__file__)), "gta2cs_hrda.py"))
-_hrda = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(_hrda)
+_hrda = config_lib.sibling_config(__file__, "gta2cs_hrda.py")
 
 
 def get_config(arg: str = ""):

@@ -197,6 +197,18 @@ def apply_method(c: ml_collections.ConfigDict, method: str) -> ml_collections.Co
     return c
 
 
+def sibling_config(this_file: str, name: str):
+    """The config module `name` in the folder of `this_file` (config files are loaded by path,
+    not imported: the SYNTHIA files build their recipe with their GTA5 counterpart's `build`)."""
+    import importlib.util
+    import os
+    path = os.path.join(os.path.dirname(os.path.abspath(this_file)), name)
+    spec = importlib.util.spec_from_file_location(f"pipa_jax_configs_{os.path.splitext(name)[0]}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def parse_options(arg: str, **spec):
     """The variants of a config file: `arg` = 'name=value,flag,...' (the part after ':' in
     --config=configs/x.py:...) parsed against `spec` (name -> default; the default's type converts
