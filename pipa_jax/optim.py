@@ -136,5 +136,8 @@ def make_optimizer(c: ml_collections.ConfigDict, params) -> optax.GradientTransf
         wd = jax.tree.map(lambda lab: norm_wd if lab == "encoder_no_decay" else o.weight_decay, labels)
         reps = jax.tree.map(lambda lab, r: 0 if lab == "encoder_frozen" else r, labels, repeats)
         return repeated_sgd(lr, o.momentum, mult, wd, reps)
-    groups["encoder_frozen"] = optax.set_to_zero()
+    # Only a backbone with frozen parameters gets the group, so the optimizer state of every other
+    # network keeps the structure it had before the group existed (old checkpoints resume).
+    if any(lab == "encoder_frozen" for lab in jax.tree.leaves(labels)):
+        groups["encoder_frozen"] = optax.set_to_zero()
     return optax.multi_transform(groups, labels)
