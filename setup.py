@@ -42,7 +42,9 @@ setup(
         # The parity tests compare against PyTorch (torch + transformers' SegFormer). On CPU-only
         # machines install a CPU torch build first; a plain `torch` may pull CUDA wheels.
         # The Cityscapes evaluator is installed separately with --no-deps (see README).
-        "test": ["pytest>=8.0", "pytest-xdist>=3.5", "transformers>=5.0", "torch>=2.3", "pyquaternion", "kornia>=0.7",
+        # pytest-timeout: a hung test (a collective waiting for a dead peer) fails with a stack
+        # trace after pytest.ini's timeout instead of holding CI until its limit.
+        "test": ["pytest>=8.0", "pytest-xdist>=3.5", "pytest-timeout>=2.3", "transformers>=5.0", "torch>=2.3", "pyquaternion", "kornia>=0.7",
                  "nbclient>=0.10", "nbformat>=5.9", "ipykernel>=6.29"],   # executing colab/pipa_jax.ipynb
     },
 )

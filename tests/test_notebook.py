@@ -8,13 +8,11 @@ import sys
 import nbclient
 import nbformat
 
-from conftest import full_only
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NOTEBOOK = os.path.join(ROOT, "colab", "pipa_jax.ipynb")
 
 
-@full_only
 def test_colab_notebook_runs_on_cpu(tmp_path, xla_cache_dir, monkeypatch):
     nb = nbformat.read(NOTEBOOK, as_version=4)
     params = [c for c in nb.cells if "parameters" in c.metadata.get("tags", [])]

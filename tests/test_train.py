@@ -53,8 +53,8 @@ def tiny_config(xla_cache_dir, arg=DEFAULT_ARG):
     return c
 
 
-def cli(workdir, xla_cache_dir, *extra):
-    return [sys.executable, "-m", "pipa_jax.main", "--config", f"{CONFIG}:{DEFAULT_ARG}",
+def cli(workdir, xla_cache_dir, *extra, arg=DEFAULT_ARG):
+    return [sys.executable, "-m", "pipa_jax.main", "--config", f"{CONFIG}:{arg}",
             "--workdir", str(workdir), f"--config.compilation_cache_dir={xla_cache_dir}",
             *[f"--config.{k}={v}" for k, v in OVERRIDES.items()], *extra]
 
