@@ -39,8 +39,11 @@ SUITES = {
     "configs/synthetic_hrda.py": (("source_only", "oracle", "daformer", "hrda", "pipa", "mic", "pipa_mic"),
                                   (("hrda", "daformer"), ("pipa", "hrda"), ("mic", "hrda"), ("mic", "pipa"),
                                    ("pipa_mic", "pipa"))),
+    # ProDA: every stage in one workdir (`python -m pipa_jax.proda run`); the method names the warm-up.
+    "configs/synthetic_proda.py": (("proda", "proda_source_warmup"), (("proda", "proda_source_warmup"),)),
 }
 METHODS = SUITES["configs/synthetic.py"][0]
+PRODA_WARMUP = {"proda": "adversarial", "proda_source_warmup": "source_only"}
 
 
 def run_one(method: str, seed: int, workdir: str, extra: list[str], baseline: str | None,
@@ -49,8 +52,14 @@ def run_one(method: str, seed: int, workdir: str, extra: list[str], baseline: st
     if os.path.exists(result_file):
         with open(result_file) as f:
             return json.load(f)
-    cmd = [sys.executable, "-m", "pipa_jax.main", "--config", f"{config}:method={method}{config_args}",
-           "--workdir", workdir, f"--config.seed={seed}", *extra]
+    proda = method in PRODA_WARMUP
+    if proda:
+        cmd = [sys.executable, "-m", "pipa_jax.proda", "run", "--config",
+               f"{config}:warmup={PRODA_WARMUP[method]}{config_args}", "--workdir", workdir,
+               f"--config.seed={seed}", *extra]
+    else:
+        cmd = [sys.executable, "-m", "pipa_jax.main", "--config", f"{config}:method={method}{config_args}",
+               "--workdir", workdir, f"--config.seed={seed}", *extra]
     if baseline:
         cmd.append(f"--config.report.baseline_workdir={baseline}")
     t0 = time.perf_counter()
@@ -59,12 +68,18 @@ def run_one(method: str, seed: int, workdir: str, extra: list[str], baseline: st
     if proc.returncode:
         sys.stderr.write(proc.stderr[-4000:])
         raise SystemExit(f"{method} seed {seed} failed (exit {proc.returncode}): {' '.join(cmd)}")
-    with open(os.path.join(workdir, "metrics.json")) as f:
+    final_dir = os.path.join(workdir, "stage3") if proda else workdir
+    with open(os.path.join(final_dir, "metrics.json")) as f:
         history = json.load(f)
     last = history[max(history, key=int)]
     rec = {"method": method, "seed": seed, "wall_s": wall, "command": " ".join(cmd[1:]),
            "miou": last["student"]["miou"], "per_class_iou": last["student"]["per_class_iou"],
            "teacher_miou": last.get("teacher", {}).get("miou")}
+    if proda:      # every stage's final student
+        rec["stage_miou"] = {}
+        for stage in ("warmup", "stage1", "stage2", "stage3"):
+            with open(os.path.join(workdir, stage, "done.json")) as f:
+                rec["stage_miou"][stage] = json.load(f).get("miou")
     io_lib.write_json_atomic(result_file, rec, indent=1, sort_keys=False)
     return rec
 
@@ -86,6 +101,9 @@ def summarize(runs: list[dict], methods=METHODS) -> dict:
                   "teacher_miou_mean": statistics.mean(teach) if teach else None,
                   "mious": mi, "wall_s_median": statistics.median(r["wall_s"] for r in rs),
                   "per_class_iou_mean": per_class, "seeds": [r["seed"] for r in rs]}
+        if all("stage_miou" in r for r in rs):
+            out[m]["stage_miou_mean"] = {st: 100 * statistics.mean(r["stage_miou"][st] for r in rs)
+                                         for st in rs[0]["stage_miou"]}
     return out
 
 
@@ -101,6 +119,12 @@ def markdown(summary: dict, meta: dict) -> str:
         teacher = "-" if s.get("teacher_miou_mean") is None else f"{s['teacher_miou_mean']:.1f}"
         lines.append(f"| {m} | {s['miou_mean']:.1f} | {s['miou_std']:.1f} | {len(s['mious'])} | "
                      f"{', '.join(f'{v:.1f}' for v in s['mious'])} | {teacher} | {s['wall_s_median']:.0f} |")
+    staged = {m: s["stage_miou_mean"] for m, s in summary.items() if "stage_miou_mean" in s}
+    if staged:
+        stages = list(next(iter(staged.values())))
+        lines += ["", "Every stage's final student (mIoU mean over seeds):", "",
+                  "| method | " + " | ".join(stages) + " |", "|---|" + "---:|" * len(stages)]
+        lines += [f"| {m} | " + " | ".join(f"{v[st]:.1f}" for st in stages) + " |" for m, v in staged.items()]
     for a, b in meta.get("comparisons", ()):
         if a in summary and b in summary:
             sa, sb = summary[a], summary[b]

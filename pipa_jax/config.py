@@ -50,6 +50,10 @@ def base_config() -> ml_collections.ConfigDict:
     # tools.convert_checkpoint, or an official mit_b*.pth. '' = random initialisation.
     c.model.pretrained = ""
     c.model.require_pretrained = False   # True: refuse to start without model.pretrained
+    # The whole network (student; the EMA teacher starts as its copy) from a pipa_jax training
+    # workdir (its latest checkpoint's student) or a model directory; '' = model.pretrained / random.
+    # ProDA's stage 1 starts from its warm-up, stage 3 from stage 2.
+    c.init_from = ""
 
     c.data = ml_collections.ConfigDict()
     c.data.source = "synthetic_source"   # 'synthetic_source', 'gta' or 'synthia'
@@ -119,10 +123,13 @@ def base_config() -> ml_collections.ConfigDict:
     c.optimizer.warmup_steps = 1500
     c.optimizer.warmup_ratio = 1e-6      # linear warmup starts at lr * ratio
     c.optimizer.poly_power = 1.0         # (1 - t/T)^power, multiplied with the warmup
+    c.optimizer.schedule_steps = 0       # T of the poly decay; 0 = total_steps (ProDA: 90k, stopping at 62.4k)
 
     c.uda = ml_collections.ConfigDict()
     c.uda.self_training = True           # EMA teacher + pseudo-labels + mixing (False: source-only)
     c.uda.ema_alpha = 0.999
+    c.uda.ema_ramp = True                # alpha = min(1 - 1/(t+1), ema_alpha); False: ema_alpha from step 0 (ProDA)
+    c.uda.class_mix = True               # the ClassMix cross-entropy of self-training (False: ProDA, no mixing)
     c.uda.pseudo_threshold = 0.968
     c.uda.margin_top = 15                # pseudo-label weight 0 on the top rows of the target crop
     c.uda.margin_bottom = 120            # ... and on the bottom rows (DAFormer: the ego vehicle)
@@ -173,6 +180,36 @@ def base_config() -> ml_collections.ConfigDict:
                                          # DAFormer's half resolution; must divide the training crop
     c.mic.color_augment = True           # DACS colour jitter + blur before masking ('separatetrgaug')
     c.mic.pseudo_weight = True           # False: weight 1 on every pixel of the masked view
+
+    # ProDA (pipa_jax.terms.proda, docs/method.md §15): stage '' = off (every other method).
+    c.proda = ml_collections.ConfigDict()
+    c.proda.stage = ""                   # '' | 'warmup' | 'stage1' | 'stage2' | 'stage3'
+    c.proda.warmup = "adversarial"       # warm-up: 'adversarial' (output-space LS-GAN) or 'source_only'
+    c.proda.adv_weight = 0.01            # the generator's LS-GAN weight (--adv)
+    c.proda.disc_lr = 1e-4               # the discriminator's Adam (poly schedule of the run)
+    c.proda.disc_b1 = 0.9
+    c.proda.disc_b2 = 0.99
+    # The frozen network: stage 1 reads the warm-up model's soft pseudo-labels from it, stages 2-3
+    # distil from it. A pipa_jax workdir (its latest student) or a model directory.
+    c.proda.frozen_from = ""
+    c.proda.prototypes = ""              # stage 1: initial prototypes (.npz of `python -m pipa_jax.proda prototypes`)
+    c.proda.prototype_passes = 4         # passes of the prototype computation over the target train split
+    c.proda.prototype_cap = 3000         # the cumulative mean's count cap (then a running average)
+    c.proda.temperature = 1.0            # T of softmax(-d * T) (--proto_temperature)
+    c.proda.proto_momentum = 1e-4        # moving prototypes: eta <- (1 - m) eta + m mean
+    c.proda.proto_min_pixels = 10        # a class counts in an image from this many pixels
+    c.proda.rectify_threshold = 0.0      # --train_thred: rectified confidence below it is ignored (0: none)
+    c.proda.rce = True                   # symmetric CE: rce_alpha CE + rce_beta RCE (stage 1)
+    c.proda.rce_alpha = 0.1
+    c.proda.rce_beta = 1.0
+    c.proda.regular_weight = 0.1         # MRKLD regulariser (GTA5 0.1, SYNTHIA 0)
+    c.proda.consist_weight = 10.0        # prototype consistency weight (--proto_consistW)
+    c.proda.teacher_dropout = True       # the official EMA runs in training mode (dropout on)
+    c.proda.cutout = True                # the strong view's grey square (side min(H, W) // 3)
+    c.proda.pl_threshold = 0.95          # stages 2-3: hard pseudo-labels need confidence > this
+    c.proda.pl_flip = True               # ... averaged with the flipped image's prediction
+    c.proda.kd_weight = 1.0              # stages 2-3: the distillation KL (--distillation)
+    c.proda.kd_softmax_bug = False       # True: the official KD (softmax where log_softmax is meant)
 
     c.report = ml_collections.ConfigDict()
     c.report.grid_images = 6             # target val images in predictions.png (0: no picture)
@@ -299,12 +336,14 @@ def validate(c: ml_collections.ConfigDict, num_devices: int) -> None:
         err("term_gate", c.term_gate, "'auto', 'cond' or 'mask'")
     if c.mic.enabled:
         _validate_mic(c, err)
+    if "proda" in c:
+        _validate_proda(c, err)
     if c.pipa.pixel.enabled and not c.model.pixel_head:
         err("model.pixel_head", False, "True when pipa.pixel.enabled")
     if c.model.get("segmentor", "encoder_decoder") == "hrda":
         _validate_hrda(c, err)
     _validate_optimizer_and_network(c, err)
-    if c.model.require_pretrained and not c.model.pretrained:
+    if c.model.require_pretrained and not (c.model.pretrained or c.get("init_from", "")):
         err("model.pretrained", c.model.pretrained,
             f"the ImageNet {c.model.backbone} weights this recipe starts from: convert mit_bX.pth once with "
             "`python -m pipa_jax.tools.convert_checkpoint --input mit_b5.pth --output pretrained/mit_b5` and "
@@ -324,6 +363,37 @@ def validate(c: ml_collections.ConfigDict, num_devices: int) -> None:
     _validate_data(c.data, err)
     if c.model.num_classes != 19:
         err("model.num_classes", c.model.num_classes, "19 (Cityscapes train ids)")
+
+
+def _validate_proda(c: ml_collections.ConfigDict, err) -> None:
+    p = c.proda
+    from pipa_jax.terms.proda import STAGES
+    if p.stage not in STAGES:
+        err("proda.stage", p.stage, f"one of {STAGES} ('' = not ProDA)")
+    if not p.stage:
+        return
+    if p.warmup not in ("adversarial", "source_only"):
+        err("proda.warmup", p.warmup, "'adversarial' or 'source_only'")
+    if c.model.get("segmentor", "encoder_decoder") != "encoder_decoder" or c.model.decode_head != "proda":
+        err("model.decode_head", c.model.decode_head, "'proda' with segmentor 'encoder_decoder' (ProDA's "
+            "prototypes live in its head's 256-d feature)")
+    if p.stage in ("stage1", "stage2", "stage3") and not p.frozen_from:
+        made_by = "the warm-up" if p.stage == "stage1" else f"stage {int(p.stage[-1]) - 1}"
+        err("proda.frozen_from", p.frozen_from, f"the workdir of {made_by} (run the stages in order with "
+            "`python -m pipa_jax.proda run --config ... --workdir DIR`, which sets it)")
+    if p.stage == "stage1" and not (c.uda.self_training and not c.uda.get("class_mix", True)):
+        err("uda.self_training / uda.class_mix", (c.uda.self_training, c.uda.class_mix),
+            "(True, False) in ProDA stage 1 (an EMA teacher, no ClassMix)")
+    if p.stage in ("warmup", "stage2", "stage3") and c.uda.self_training:
+        err("uda.self_training", True, f"False in ProDA's {p.stage} (no EMA teacher)")
+    for key in ("pl_threshold", "rectify_threshold"):
+        if not 0.0 <= float(p[key]) < 1.0:
+            err(f"proda.{key}", p[key], "a value in [0, 1)")
+    if not 0.0 < float(p.proto_momentum) <= 1.0:
+        err("proda.proto_momentum", p.proto_momentum, "a value in (0, 1]")
+    h, w = c.data.crop_size
+    if h % 4 or w % 4:
+        err("data.crop_size", c.data.crop_size, "multiples of 4 for ProDA (its targets are at a quarter of the crop)")
 
 
 def _validate_mic(c: ml_collections.ConfigDict, err) -> None:
@@ -353,8 +423,10 @@ def _validate_optimizer_and_network(c: ml_collections.ConfigDict, err) -> None:
         err("optimizer.momentum", o.momentum, "a value in [0, 1)")
     if c.uda.get("source_ce_average", "all") not in ("all", "valid"):
         err("uda.source_ce_average", c.uda.source_ce_average, "'all' (mmseg) or 'valid' (DACS)")
-    if m.resnet.input_convention not in ("caffe_bgr", "imagenet_rgb"):
-        err("model.resnet.input_convention", m.resnet.input_convention, "'caffe_bgr' or 'imagenet_rgb'")
+    from pipa_jax.models.resnet import INPUT_CONVENTIONS
+    if m.resnet.input_convention not in INPUT_CONVENTIONS:
+        err("model.resnet.input_convention", m.resnet.input_convention,
+            "'caffe_bgr' (DACS), 'imagenet_rgb' (torchvision) or 'unit_rgb' (ProDA)")
     if int(m.deeplabv2.branches) not in (1, 2, 3, 4):
         err("model.deeplabv2.branches", m.deeplabv2.branches, "1..4 (2 = the official DACS forward, 4 = all summed)")
     if m.get("segmentor", "encoder_decoder") == "hrda" and m.decode_head != "daformer":
@@ -438,6 +510,21 @@ def merge_json(base: ml_collections.ConfigDict, values: dict) -> None:
             except TypeError:  # a field whose type changed between versions: take the run's value
                 del base[key]
                 base[key] = value
+
+
+def apply_overrides(c: ml_collections.ConfigDict, overrides: dict) -> None:
+    """Sets dotted keys ({'model.backbone': 'resnet50', ...}, as --config.key=value gives them) on
+    `c`; an unknown key is a KeyError naming it."""
+    for dotted, value in overrides.items():
+        *parents, leaf = dotted.split(".")
+        node = c
+        for part in parents:
+            if part not in node:
+                raise KeyError(f"config override {dotted!r}: no field {part!r}")
+            node = node[part]
+        if leaf not in node:
+            raise KeyError(f"config override {dotted!r}: no field {leaf!r}")
+        node[leaf] = value
 
 
 def enable_compilation_cache(c) -> None:

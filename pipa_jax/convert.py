@@ -17,7 +17,8 @@ trained DAFormer / HRDA / PiPa mmcv checkpoints ({'meta', 'state_dict', 'optimiz
 (keys at the root: conv1, bn1, layer1..4; `fc.*` and, into a backbone alone, `layer5.*` are
 skipped), and DACS training checkpoints ({'model', 'ema_model', ...}: read as `model.` / `ema_model.`).
 A module class with an `OFFICIAL_NAME` attribute is named so in keys (ResNet: '' = at the root of
-its segmentor's keys; DeepLabV2Head: 'layer5'). .pth files
+its segmentor's keys; DeepLabV2Head and ProDAHead: 'layer5'), and one with `OFFICIAL_CHILDREN`
+({attribute: official name}) renames its children (ProDAHead's bottleneck.0 / .1 / .2). .pth files
 are read with torch.load(weights_only=True): no arbitrary code is unpickled.
 """
 from __future__ import annotations
@@ -83,7 +84,8 @@ def official_key(module: nnx.Module, path: tuple) -> str:
     table = _renames()
     parts, absolute, obj = [], False, module
     for p in path[:-1]:
-        name = table.get(type(obj), {}).get(p, str(p))
+        renames = {**table.get(type(obj), {}), **getattr(type(obj), "OFFICIAL_CHILDREN", {})}
+        name = renames.get(p, str(p))
         child = obj[p] if isinstance(p, int) else getattr(obj, p)
         name = getattr(type(child), "OFFICIAL_NAME", name)
         if name.startswith("/"):

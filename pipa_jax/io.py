@@ -132,6 +132,12 @@ def write_json_atomic(path, obj, *, indent: int | None = 2, sort_keys: bool = Tr
         json.dump(obj, f, indent=indent, sort_keys=sort_keys, default=kw.pop("default", float), **kw)
 
 
+def write_npz_atomic(path, **arrays) -> None:
+    """np.savez of `arrays` to `path` (which should end in .npz), written atomically."""
+    with atomic_open(path, "wb") as f:
+        np.savez(f, **arrays)
+
+
 def _write_atomic(path, image: Image.Image) -> None:
     """Saves `image` as PNG atomically (a crash mid-write never leaves a truncated PNG)."""
     with atomic_open(path, "wb") as f:

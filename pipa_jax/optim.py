@@ -27,8 +27,11 @@ GROUPS = ("head", "encoder", "encoder_no_decay", "encoder_frozen")
 
 
 def learning_rate_schedule(c: ml_collections.ConfigDict, base_lr: float) -> optax.Schedule:
-    """mmcv's linear warmup from base*ratio, multiplied with poly decay (1 - t/T)^p to 0."""
-    total, warm, ratio, power = c.total_steps, c.optimizer.warmup_steps, c.optimizer.warmup_ratio, c.optimizer.poly_power
+    """mmcv's linear warmup from base*ratio, multiplied with poly decay (1 - t/T)^p to 0.
+    T = optimizer.schedule_steps when set (ProDA decays over 90k steps and stops at 62.4k), else
+    total_steps."""
+    total = int(c.optimizer.get("schedule_steps", 0)) or c.total_steps
+    warm, ratio, power = c.optimizer.warmup_steps, c.optimizer.warmup_ratio, c.optimizer.poly_power
 
     def schedule(step):
         t = jnp.asarray(step, jnp.float32)

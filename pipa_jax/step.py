@@ -50,15 +50,16 @@ def make_train_step(config: ml_collections.ConfigDict, graphdef, tx: optax.Gradi
         metrics = {}
         teacher = state.teacher_params
         if self_training:
-            teacher = uda.ema_update(state.teacher_params, state.params, state.step, alpha=c.uda.ema_alpha)
-            metrics["ema_alpha"] = uda.ema_alpha(state.step, alpha=c.uda.ema_alpha)
+            ramp = bool(c.uda.get("ema_ramp", True))
+            teacher = uda.ema_update(state.teacher_params, state.params, state.step, alpha=c.uda.ema_alpha, ramp=ramp)
+            metrics["ema_alpha"] = uda.ema_alpha(state.step, alpha=c.uda.ema_alpha, ramp=ramp)
         imnet = nnx.merge(imnet_graphdef, imnet_params) if imnet_graphdef is not None else None
 
         def loss_fn(params):
             model = terms_lib.merge(graphdef, params, state.batch_stats)
             ctx = terms_lib.StepContext(c, step=state.step, keys=keys, batch=batch, graphdef=graphdef, model=model,
                                         params=params, batch_stats=state.batch_stats, teacher_params=teacher,
-                                        imnet=imnet)
+                                        imnet=imnet, term_states=state.terms)
             for name in needs:      # the views in the official BatchNorm order
                 ctx.get(name)
             outs = {t.name: terms_lib.gated(t, ctx, state.terms.get(t.name), gate) for t in terms}

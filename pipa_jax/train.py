@@ -130,16 +130,47 @@ def build_model_and_state(c, mesh):
             nnx.update(model.backbone, nnx.state(model_io.load_model(path).backbone))
         else:
             convert.load_torch_weights(model.backbone, path)
+    if c.get("init_from", ""):
+        loaded = load_network(c.init_from, "config.init_from", c)
+        nnx.update(model, loaded.params, loaded.batch_stats)
     imnet = None
     if c.uda.fd:
         imnet_graphdef, imnet_params = nnx.split(model.backbone, nnx.Param)
         imnet = (imnet_graphdef, jax.tree.map(jnp.copy, imnet_params))
+    elif c.get("proda", {}).get("stage", "") in ("stage1", "stage2", "stage3"):
+        # ProDA's frozen network (stage 1: the warm-up model, stages 2-3: the previous stage).
+        loaded = load_network(c.proda.frozen_from, "config.proda.frozen_from", c)
+        imnet = nnx.split(nnx.merge(loaded.graphdef, loaded.params, loaded.batch_stats))
     graphdef, params, batch_stats = nnx.split(model, nnx.Param, nnx.BatchStat)
     tx = make_optimizer(c, params)
     repl = NamedSharding(mesh, P())
     init = jax.jit(lambda p, b, s: create_train_state(p, b, tx, s), out_shardings=repl)
     state = init(params, batch_stats, init_term_states(terms_lib.build_terms(c)))
     return graphdef, tx, state, imnet
+
+
+_NETWORK_FIELDS = ("segmentor", "backbone", "decode_head", "num_classes", "embed_dim")
+
+
+def load_network(path: str, what: str, c):
+    """The segmentation network (evaluate.LoadedModel) of a training workdir (its latest student)
+    or a model directory, checked against `c.model`; `what` names the config field in errors."""
+    from pipa_jax import evaluate as evaluate_lib
+    if not path or not os.path.isdir(path):
+        hint = ""
+        if c.get("proda", {}).get("stage", ""):
+            hint = (" (ProDA: each stage reads the previous one; `python -m pipa_jax.proda run --config ... "
+                    "--workdir DIR` runs them in order)")
+        raise FileNotFoundError(f"{what} = {path!r}: no such workdir or model directory{hint}")
+    if os.path.exists(os.path.join(path, "config.json")):
+        loaded, _ = evaluate_lib.load_run_model(path, "student")
+    else:
+        loaded = evaluate_lib.load_checkpoint_model(path)
+    diffs = [f"{k}: {loaded.config.get(k)!r} there, {c.model.get(k)!r} here" for k in _NETWORK_FIELDS
+             if loaded.config.get(k, None) != c.model.get(k, None)]
+    if diffs:
+        raise WorkdirMismatchError(f"{what} = {path} holds another network than config.model: " + "; ".join(diffs))
+    return loaded
 
 
 def make_eval_step(graphdef):

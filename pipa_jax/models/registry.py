@@ -89,7 +89,7 @@ def _populate() -> None:
     if _POPULATED:
         return
     _POPULATED = True
-    from pipa_jax.models import heads, hrda, mit, resnet, segmentor
+    from pipa_jax.models import heads, hrda, mit, proda_head, resnet, segmentor
 
     for variant in mit.MIT_VARIANTS:
         register_backbone(f"mit_{variant}", lambda config, *, v=variant, **kw: mit.MixVisionTransformer(
@@ -99,5 +99,6 @@ def _populate() -> None:
     register_head("segformer", lambda config, dims, **kw: heads.SegFormerHead(
         dims, config.num_classes, config.embed_dim, dropout=config.dropout, **kw), output_stride=4)
     resnet.register(register_backbone, register_head)
+    proda_head.register(register_head)
     register_segmentor("encoder_decoder", segmentor.EncoderDecoder)
     register_segmentor("hrda", hrda.HRDA)

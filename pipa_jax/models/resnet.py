@@ -15,7 +15,10 @@ Backbone (`ResNet`, depths 50 = [3, 4, 6, 3] and 101 = [3, 4, 23, 3] bottlenecks
   pipeline delivers ImageNet-normalised RGB (labels.normalize) to every network; with
   input_convention='caffe_bgr' the backbone maps that to the Caffe convention first (an exact affine
   change, so the same pixels reach the first conv as in the official code). 'imagenet_rgb' feeds
-  it unchanged (torchvision ImageNet weights).
+  it unchanged (torchvision ImageNet weights); 'unit_rgb' gives RGB in [0, 1] with no mean or std
+  (ProDA's loaders, whatever the weights).
+- `frozen_stats=True` (ProDA's warm-up, `--freeze_bn`): BatchNorm always on its running
+  statistics, in training too.
 
 Classifier (`DeepLabV2Head`, official `layer5`): four 3x3 convs 2048 -> classes with dilation =
 padding = 6, 12, 18, 24 and a bias, weights N(0, 0.01). The official DACS / AdaptSegNet forward
@@ -37,14 +40,16 @@ from flax import nnx
 
 from pipa_jax.models import layers
 
-RESNET_DEPTHS = {50: (3, 4, 6, 3), 101: (3, 4, 23, 3)}
+# 14 = one bottleneck per stage: not a published network, the reduced ResNet of the synthetic ProDA
+# rows and the CI runs (same stem, dilations, widths and output stride).
+RESNET_DEPTHS = {14: (1, 1, 1, 1), 50: (3, 4, 6, 3), 101: (3, 4, 23, 3)}
 STAGE_WIDTHS = (64, 128, 256, 512)       # bottleneck widths; outputs are 4x
 EXPANSION = 4
 STAGE_STRIDES = (1, 2, 1, 1)
 STAGE_DILATIONS = (1, 1, 2, 4)
 # The Caffe / DeepLab BGR mean on 0..255 values (DACS IMG_MEAN).
 CAFFE_BGR_MEAN = np.array((104.00698793, 116.66876762, 122.67891434), np.float32)
-INPUT_CONVENTIONS = ("caffe_bgr", "imagenet_rgb")
+INPUT_CONVENTIONS = ("caffe_bgr", "imagenet_rgb", "unit_rgb")
 
 
 def output_size(n: int) -> int:
@@ -116,7 +121,7 @@ class ResNet(nnx.Module):
 
     OFFICIAL_NAME = ""          # its keys start at the checkpoint root (conv1.weight, layer1.0...)
 
-    def __init__(self, depth: int = 101, *, input_convention: str = "caffe_bgr",
+    def __init__(self, depth: int = 101, *, input_convention: str = "caffe_bgr", frozen_stats: bool = False,
                  forms: layers.ComputeForms = layers.ComputeForms(), dtype=jnp.float32,
                  param_dtype=jnp.float32, rngs: nnx.Rngs):
         if depth not in RESNET_DEPTHS:
@@ -126,6 +131,7 @@ class ResNet(nnx.Module):
         self.depth = depth
         self.depths = RESNET_DEPTHS[depth]
         self.input_convention = input_convention
+        self.frozen_stats = frozen_stats
         self.embed_dims = tuple(w * EXPANSION for w in STAGE_WIDTHS)
         self.dtype = dtype
         kw = dict(forms=forms, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
@@ -146,6 +152,8 @@ class ResNet(nnx.Module):
             return x
         from pipa_jax.labels import IMAGE_MEAN, IMAGE_STD
         rgb = x.astype(jnp.float32) * jnp.asarray(IMAGE_STD) + jnp.asarray(IMAGE_MEAN)
+        if self.input_convention == "unit_rgb":
+            return rgb / 255.0
         return rgb[..., ::-1] - jnp.asarray(CAFFE_BGR_MEAN)
 
     def __call__(self, x, *, train: bool = False, rng=None, use_running_average: bool | None = None):
@@ -153,6 +161,8 @@ class ResNet(nnx.Module):
         if x.ndim != 4 or x.shape[-1] != 3:
             raise ValueError(f"ResNet expects NHWC images [B, H, W, 3], got shape {tuple(x.shape)}")
         ura = dict(use_running_average=(not train) if use_running_average is None else use_running_average)
+        if self.frozen_stats:
+            ura["use_running_average"] = True
         x = self.prepare_input(x).astype(self.dtype)
         x = max_pool_ceil(jax.nn.relu(self.bn1(self.conv1(x), **ura)))
         outs = []
@@ -200,10 +210,11 @@ class DeepLabV2Head(nnx.Module):
 
 
 def register(register_backbone, register_head) -> None:
-    """Adds resnet50 / resnet101 and the deeplabv2 head to the registries (models/registry.py)."""
+    """Adds resnet14 / resnet50 / resnet101 and the deeplabv2 head to the registries (models/registry.py)."""
     for depth in RESNET_DEPTHS:
         register_backbone(f"resnet{depth}", lambda config, *, d=depth, **kw: ResNet(
-            d, input_convention=config.resnet.input_convention, **kw), param_group=param_group,
+            d, input_convention=config.resnet.input_convention,
+            frozen_stats=bool(config.resnet.get("frozen_bn_stats", False)), **kw), param_group=param_group,
             duplicates=duplicate_counts)
     register_head("deeplabv2", lambda config, dims, **kw: DeepLabV2Head(
         dims, config.num_classes, branches=config.deeplabv2.branches, **kw), output_stride=8, align_corners=True)

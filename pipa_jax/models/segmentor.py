@@ -38,8 +38,9 @@ def default_model_config() -> ml_collections.ConfigDict:
     c.segmentor = "encoder_decoder"  # 'encoder_decoder' (single scale) or 'hrda' (multi-resolution)
     c.backbone = "mit_b5"          # a registered backbone: mit_b0 .. mit_b5 (docs/method.md §2.1),
                                    # resnet50 / resnet101 (DeepLab's dilated Caffe ResNet, §14)
-    c.decode_head = "daformer"     # 'daformer' (context-aware ASPP fusion), 'segformer' (all-MLP) or
-                                   # 'deeplabv2' (the DACS classifier on a ResNet, §14)
+    c.decode_head = "daformer"     # 'daformer' (context-aware ASPP fusion), 'segformer' (all-MLP),
+                                   # 'deeplabv2' (the DACS classifier on a ResNet, §14) or 'proda'
+                                   # (ProDA's GroupNorm + SE head with its 256-d feature, §15)
     c.num_classes = 19
     c.embed_dim = 256              # decoder channels
     c.drop_path_rate = 0.1         # stochastic depth over all encoder blocks
@@ -72,6 +73,7 @@ def default_model_config() -> ml_collections.ConfigDict:
                                              # DeepLab COCO) or 'imagenet_rgb' (torchvision ImageNet)
     c.resnet.frozen_bn_affine = True   # DACS: BN scales / biases never trained (batch statistics still used)
     c.resnet.bn_weight_decay = True    # PyTorch SGD decays every parameter it trains, BN included
+    c.resnet.frozen_bn_stats = False   # True: BN on running statistics in training too (ProDA's warm-up --freeze_bn)
     c.deeplabv2 = ml_collections.ConfigDict()
     c.deeplabv2.branches = 2           # 2: the official DACS forward (d=6 + d=12 only); 4: all four summed
     # HRDA (segmentor='hrda', docs/method.md §6); ignored by 'encoder_decoder'.

@@ -4,7 +4,7 @@ from pipa_jax.terms.base import (TERMS, VALUES, NamedKeys, StepContext, Term, Te
                                  gated, merge, ordered_needs, register_term, register_value, resolve_gate,
                                  stable_hash)
 from pipa_jax.terms import views  # noqa: E402,F401  (values first: their order is the BatchNorm order)
-from pipa_jax.terms import supervised, feature_distance, pixel, patch, mic  # noqa: E402,F401
+from pipa_jax.terms import supervised, feature_distance, pixel, patch, mic, proda  # noqa: E402,F401
 
 __all__ = [
     "NamedKeys", "StepContext", "TERMS", "Term", "TermOut", "VALUES", "View", "build_terms", "gated", "merge",

@@ -99,7 +99,7 @@ class StepContext:
     statistics are discarded (for extra forwards that must not enter the running averages)."""
 
     def __init__(self, config, *, step, keys: NamedKeys, batch: dict, graphdef, model, params, batch_stats,
-                 teacher_params, imnet=None):
+                 teacher_params, imnet=None, term_states=None):
         self.config = config
         self.step = step
         self.keys = keys
@@ -109,7 +109,10 @@ class StepContext:
         self.params = params
         self.batch_stats = batch_stats
         self.teacher_params = teacher_params
-        self.imnet = imnet            # the frozen ImageNet encoder (a module) or None
+        # The step's frozen network (a module) or None: the ImageNet encoder of the feature distance,
+        # or ProDA's previous-stage model (pipa_jax.terms.proda).
+        self.imnet = imnet
+        self.term_states = dict(term_states or {})   # every term's state at the start of the step (read-only)
         self.metrics: dict = {}
         self._cache: dict = {}
         self._frozen = False

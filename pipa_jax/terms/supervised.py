@@ -31,6 +31,7 @@ def target_ce(config):
 
 @register_term("mix_ce")
 def mix_ce(config):
-    if not config.uda.self_training:
+    # ProDA's self-training (uda.class_mix False) has no mixed batch.
+    if not config.uda.self_training or not config.uda.get("class_mix", True):
         return None
     return Term("mix_ce", supervised_loss_of("mixed"), needs=("mixed",))

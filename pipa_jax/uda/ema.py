@@ -15,8 +15,9 @@ import jax
 import jax.numpy as jnp
 
 
-def ema_alpha(step, alpha: float = 0.999) -> jax.Array:
-    """Teacher momentum ``min(1 - 1/(step + 1), alpha)`` as a float32 scalar.
+def ema_alpha(step, alpha: float = 0.999, ramp: bool = True) -> jax.Array:
+    """Teacher momentum ``min(1 - 1/(step + 1), alpha)`` as a float32 scalar (``alpha`` at every
+    step with ``ramp=False``: ProDA's EMA, a copy of the student updated with a fixed momentum).
 
     Args:
       step: the UDA iteration counter (Python or traced integer, >= 0).
@@ -26,12 +27,14 @@ def ema_alpha(step, alpha: float = 0.999) -> jax.Array:
       float32 scalar: 0 at step 0, 0.5 at step 1, 0.9 at step 9, ``alpha`` from step
       ``1/(1 - alpha) - 1`` on.
     """
+    if not ramp:
+        return jnp.float32(alpha)
     step = jnp.asarray(step).astype(jnp.float32)
-    ramp = 1.0 - 1.0 / (step + 1.0)
-    return jnp.minimum(ramp, jnp.float32(alpha)).astype(jnp.float32)
+    rising = 1.0 - 1.0 / (step + 1.0)
+    return jnp.minimum(rising, jnp.float32(alpha)).astype(jnp.float32)
 
 
-def ema_update(teacher_params, student_params, step, alpha: float = 0.999):
+def ema_update(teacher_params, student_params, step, alpha: float = 0.999, ramp: bool = True):
     """One EMA step: ``a * teacher + (1 - a) * student`` leaf by leaf, in float32.
 
     Args:
@@ -45,7 +48,7 @@ def ema_update(teacher_params, student_params, step, alpha: float = 0.999):
       (``a = 0``), which reproduces the official initial copy. Non-floating leaves (if any) are
       taken from the student unchanged: there is nothing to average.
     """
-    a = ema_alpha(step, alpha)
+    a = ema_alpha(step, alpha, ramp)
 
     def update(t, s):
         s = jnp.asarray(s)
