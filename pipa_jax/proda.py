@@ -159,6 +159,12 @@ def run_pipeline(make_config, workdir: str, config_name: str = "<config>", stage
             logging.warning("ProDA %s stopped at step %s of %d; re-run to resume", stage, final.get("step"),
                             c.total_steps)
             break
+        # The next stage compiles its own programs; this one's are not needed again.
+        import gc
+
+        import jax
+        jax.clear_caches()
+        gc.collect()
         record = {"step": final["step"]}
         if "eval" in final:
             record["miou"] = final["eval"]["student"]["miou"]

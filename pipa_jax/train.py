@@ -132,7 +132,8 @@ def build_model_and_state(c, mesh):
             convert.load_torch_weights(model.backbone, path)
     if c.get("init_from", ""):
         loaded = load_network(c.init_from, "config.init_from", c)
-        nnx.update(model, loaded.params, loaded.batch_stats)
+        # To the host first: restored on one device, the arrays would pin the state's init there.
+        nnx.update(model, jax.device_get(loaded.params), jax.device_get(loaded.batch_stats))
     imnet = None
     if c.uda.fd:
         imnet_graphdef, imnet_params = nnx.split(model.backbone, nnx.Param)

@@ -61,6 +61,11 @@ def _release_compiled_programs():
     process; without this its memory only grows (8 GB and more by the end of the suite here),
     and two such workers beside a test's training subprocesses exhausted a 24 GB CI machine."""
     yield
+    import ctypes
     import gc
     jax.clear_caches()
     gc.collect()
+    try:   # glibc keeps freed heap pages; hand them back to the system
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
