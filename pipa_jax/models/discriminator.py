@@ -8,20 +8,14 @@ not re-initialise it. Keys: conv1 .. conv4, classifier.
 """
 from __future__ import annotations
 
-import math
-
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
 from pipa_jax.models import layers
+from pipa_jax.models.resnet import _uniform_bias as _torch_conv_init   # U(+-1/sqrt(fan_in))
 
 WIDTHS = (64, 128, 256, 512)
-
-
-def _torch_conv_init(fan_in: int):
-    bound = 1.0 / math.sqrt(fan_in)
-    return lambda key, shape, dtype=jnp.float32: jax.random.uniform(key, shape, dtype, -bound, bound)
 
 
 class FCDiscriminator(nnx.Module):

@@ -22,25 +22,19 @@ attribute names onto them for pipa_jax.convert.
 """
 from __future__ import annotations
 
-import math
-
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
 from pipa_jax.models import layers
 from pipa_jax.models.heads import channel_dropout
+# PyTorch's default Linear / conv init, U(+-1/sqrt(fan_in)), for weights as for biases.
+from pipa_jax.models.resnet import _uniform_bias as _torch_uniform
 
 PRODA_DILATIONS = (6, 12, 18, 24)
 FEATURE_DIM = 256
 GN_GROUPS = 32
 SE_REDUCTION = 16
-
-
-def _torch_uniform(fan_in: int):
-    """PyTorch's default init of Linear / conv weights and biases: U(-1/sqrt(fan_in), 1/sqrt(fan_in))."""
-    bound = 1.0 / math.sqrt(fan_in)
-    return lambda key, shape, dtype=jnp.float32: jax.random.uniform(key, shape, dtype, -bound, bound)
 
 
 def _group_norm(channels, *, dtype, param_dtype, rngs):

@@ -237,7 +237,7 @@ def _adversarial(config):
     from pipa_jax.models.discriminator import FCDiscriminator
     from pipa_jax.optim import learning_rate_schedule
     p = config.proda
-    graphdef, abstract = nnx.split(nnx.eval_shape(lambda: FCDiscriminator(config.model.num_classes,
+    graphdef, _ = nnx.split(nnx.eval_shape(lambda: FCDiscriminator(config.model.num_classes,
                                                                              rngs=nnx.Rngs(0))), nnx.Param)
     tx = optax.adam(learning_rate_schedule(config, p.disc_lr), b1=p.disc_b1, b2=p.disc_b2)
 
@@ -263,7 +263,6 @@ def _adversarial(config):
         return TermOut(g_loss, {"params": optax.apply_updates(state["params"], updates), "opt": opt},
                        {"proda/d_loss": d_loss})
 
-    del abstract
     return Term("proda_adv", fn, weight=float(p.adv_weight), needs=("source", "proda/weak"), init_state=init_state)
 
 
