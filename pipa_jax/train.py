@@ -192,11 +192,14 @@ def evaluate(c, eval_step, mesh, params, batch_stats) -> np.ndarray:
 
 
 def _eval_record(conf, c=None):
-    """metrics.json entry: mIoU over 19 classes, per-class IoU, and mIoU16 / mIoU13 when the
-    config's eval.miou_subsets asks for them (SYNTHIA->Cityscapes)."""
+    """metrics.json entry: mIoU over 19 classes, per-class IoU, mIoU16 / mIoU13 when the config's
+    eval.miou_subsets asks for them (SYNTHIA->Cityscapes), and the pixel confusion matrix itself
+    (rows = ground truth, columns = prediction), from which any other class subset or score can be
+    recomputed without re-running the evaluation."""
     iou = metrics_lib.iou_from_confusion(conf)
     rec = {"miou": float(metrics_lib.miou(conf)),
-           "per_class_iou": {n: (None if np.isnan(v) else float(v)) for n, v in zip(CLASS_NAMES, iou)}}
+           "per_class_iou": {n: (None if np.isnan(v) else float(v)) for n, v in zip(CLASS_NAMES, iou)},
+           "confusion_matrix": np.asarray(conf, dtype=np.int64).tolist()}
     for name, ids in (metrics_lib.subsets_of(c) if c is not None else {}).items():
         rec[name.lower()] = float(metrics_lib.miou(conf, ids))
     return rec

@@ -259,6 +259,7 @@ def test_evaluate_cli_on_a_training_run_reproduces_its_metrics(run_dir, capsys):
     logged = _read_json(os.path.join(run_dir, "metrics.json"))["2"]["student"]
     # Same inference code and data as the in-training evaluation: the same numbers.
     assert result["miou"] == pytest.approx(logged["miou"], abs=1e-9)
+    assert result["confusion_matrix"] == logged["confusion_matrix"]
     assert result["num_images"] == 5 and result["model"]["step"] == 2
     assert set(result["per_class_iou"]) == set(CLASS_NAMES) and "miou16" not in result
     assert os.path.exists(os.path.join(run_dir, "eval", "synthetic_target_student_step2.txt"))

@@ -180,13 +180,21 @@ def test_two_processes_train_as_one(one_process, two_processes):
             np.testing.assert_allclose(l2[step][k], l1[step][k], rtol=2e-5, atol=1e-6, err_msg=f"{k} at {step}")
     # The same parameters, teacher, optimizer state, BatchNorm statistics and term state.
     assert_trees_close(final_state(one_dir), final_state(two_dir))
-    # The same evaluation (the confusion matrix summed over both processes' halves of the val set).
+    # The same evaluation: the confusion matrix is summed over both processes' halves of the val
+    # set, so its ground-truth counts (row sums, which do not depend on the weights) are exactly
+    # the one-process ones. The predictions come from weights equal only up to the rounding above,
+    # so an argmax may flip on a few pixels (one CI run: mIoU 0.071024 vs 0.071031); a flip moves
+    # one count between two cells of a row, hence the bound on the moved counts.
     m1, m2 = read_metrics(one_dir), read_metrics(two_dir)
     assert list(m1) == [str(STEPS)]
     assert m1.keys() == m2.keys()
     for step in m1:
         for who in m1[step]:
-            np.testing.assert_allclose(m2[step][who]["miou"], m1[step][who]["miou"], rtol=1e-6)
+            c1, c2 = (np.asarray(m[step][who]["confusion_matrix"], np.int64) for m in (m1, m2))
+            np.testing.assert_array_equal(c2.sum(1), c1.sum(1), err_msg=f"ground-truth pixels, {who}")
+            moved = np.abs(c2 - c1).sum() / 2
+            assert moved <= 1e-3 * c1.sum(), (who, moved, c1.sum())
+            np.testing.assert_allclose(m2[step][who]["miou"], m1[step][who]["miou"], atol=1e-3)
     # The report is written once, by process 0, from predictions made on all devices.
     for name in ("iou_table.md", "predictions.png", "grid_predictions.npz", "config.json"):
         assert os.path.exists(os.path.join(two_dir, name)), name
