@@ -3,8 +3,7 @@
 checkpoint the 2 processes wrote resumes in 1 process; a SIGTERM to one of the two processes makes
 both save the same step and exit cleanly; bad multi-host arguments fail fast with clear errors.
 
-The runs are test_train.py's (the tiny PiPa + MIC config, 8 steps), so the 1-process run reuses
-its compiled programs from the session's compilation cache."""
+The runs are test_train.py's CLI (8 steps) on the tiny DACS config (see ARG below)."""
 import json
 import os
 import signal
@@ -27,6 +26,10 @@ STEPS = 8
 # step (EMA teacher, pseudo-labels, ClassMix: every kind of state but a term's) rather than the
 # full PiPa + MIC one: its compile, done by every process, is what these tests spend their time on.
 ARG = "method=dacs,tiny"
+# A checkpoint every 4 steps, not test_train.py's 2: the two processes' Orbax save of the
+# replicated state (each shard once, then a commit barrier over gloo) took 18 s a checkpoint here,
+# twice the time of the steps between two of them.
+CHECKPOINT_EVERY = 4
 
 
 def free_port() -> int:
@@ -49,7 +52,7 @@ class Job:
         port = free_port()
         self.procs, self.logs = [], []
         for i in range(n):
-            cmd = cli(self.workdir, xla_cache_dir, *extra, arg=ARG)
+            cmd = cli(self.workdir, xla_cache_dir, *extra, arg=ARG, overrides={"checkpoint_every": CHECKPOINT_EVERY})
             if n > 1:
                 cmd += [f"--coordinator_address=127.0.0.1:{port}", f"--num_processes={n}", f"--process_id={i}",
                         "--initialization_timeout=300"]
@@ -170,7 +173,7 @@ def two_processes(tmp_path_factory, xla_cache_dir):
 def test_two_processes_train_as_one(one_process, two_processes):
     (one_dir, _), (two_dir, two) = one_process, two_processes
     # Process 0 reports; process 1 logs only warnings.
-    assert "done: step 8" in two[0][1] and "done: step 8" not in two[1][1]
+    assert f"done: step {STEPS}" in two[0][1] and f"done: step {STEPS}" not in two[1][1]
     assert "loss/source_ce=" in two[0][2] and "loss/source_ce=" not in two[1][2]
     # The same losses at every log step.
     l1, l2 = logged_losses(one_process[1][0][2]), logged_losses(two[0][2])
@@ -207,11 +210,11 @@ def test_sigterm_to_one_process_stops_both_and_resumes_in_one(one_process, xla_c
     one_dir, _ = one_process
     workdir = tmp_path / "run"
     job = Job(workdir, xla_cache_dir, 2)
-    first = workdir / "checkpoints" / "2"
+    first = workdir / "checkpoints" / str(CHECKPOINT_EVERY)
     deadline = time.time() + 1200
     while time.time() < deadline and not first.exists() and all(p.poll() is None for p in job.procs):
         time.sleep(0.1)
-    assert first.exists(), "no checkpoint at step 2: " + job.wait(timeout=5)[0][2][-2000:]
+    assert first.exists(), f"no checkpoint at step {CHECKPOINT_EVERY}: " + job.wait(timeout=5)[0][2][-2000:]
     job.procs[1].send_signal(signal.SIGTERM)        # one host is preempted
     results = job.wait()
     assert_ok(results)
@@ -219,14 +222,14 @@ def test_sigterm_to_one_process_stops_both_and_resumes_in_one(one_process, xla_c
              for _, _, err in results if "preemption notice" in err]
     assert len(stops) == 2 and stops[0] == stops[1], stops
     stop = stops[0]
-    assert 2 <= stop < STEPS
+    assert CHECKPOINT_EVERY <= stop < STEPS
     steps = sorted(int(s) for s in os.listdir(workdir / "checkpoints") if s.isdigit())
     assert steps[-1] == stop, steps
     # The checkpoint of the 2-process run resumes in 1 process x 8 devices and ends as the
     # uninterrupted 1-process run.
     (rc, out, err), = Job(workdir, xla_cache_dir, 1).wait()
     assert rc == 0, err[-3000:]
-    assert f"resumed from step {stop}" in err and "done: step 8" in out
+    assert f"resumed from step {stop}" in err and f"done: step {STEPS}" in out
     assert_trees_close(final_state(one_dir), final_state(str(workdir)))
 
 

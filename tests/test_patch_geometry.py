@@ -12,7 +12,6 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from pipa_jax import losses
 from pipa_jax.labels import IGNORE_INDEX
 from pipa_jax.uda import patch
 

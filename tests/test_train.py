@@ -53,10 +53,10 @@ def tiny_config(xla_cache_dir, arg=DEFAULT_ARG):
     return c
 
 
-def cli(workdir, xla_cache_dir, *extra, arg=DEFAULT_ARG):
+def cli(workdir, xla_cache_dir, *extra, arg=DEFAULT_ARG, overrides=None):
     return [sys.executable, "-m", "pipa_jax.main", "--config", f"{CONFIG}:{arg}",
             "--workdir", str(workdir), f"--config.compilation_cache_dir={xla_cache_dir}",
-            *[f"--config.{k}={v}" for k, v in OVERRIDES.items()], *extra]
+            *[f"--config.{k}={v}" for k, v in {**OVERRIDES, **(overrides or {})}.items()], *extra]
 
 
 def final_state(workdir, step=8):

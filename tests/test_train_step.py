@@ -12,6 +12,7 @@ from jax.sharding import PartitionSpec as P
 from pipa_jax import config as config_lib
 from pipa_jax import mesh as mesh_lib
 from pipa_jax import step as step_lib
+from pipa_jax import terms as terms_lib
 from pipa_jax import train
 from pipa_jax.data import pipeline
 from pipa_jax.models import layers
@@ -43,24 +44,31 @@ def global_batch(data, b):
     return {k: jax.make_array_from_process_local_data(data, v) for k, v in b.items()}
 
 
-def run_steps(c, batches, n, spatial=1, built=None):
+def run_steps(c, batches, n, spatial=1, built=None, states=None):
     """(final params on the host, per-step metrics, the step) of len(batches) steps; `built`: a
-    (state, step, imnet params, data sharding) of jitted_step's, its step possibly compiled."""
+    (state, step, imnet params, data sharding) of jitted_step's, its step possibly compiled;
+    `states`: a list that receives the whole state on the host after every step."""
     state, step, imnet_params, data = built or jitted_step(c, n, spatial)
     metrics = []
     for b in batches:
         state, m = step(state, global_batch(data, b), imnet_params)
         metrics.append(jax.device_get(m))
+        if states is not None:
+            states.append(jax.device_get(state))
     assert len(state.params["backbone"]["block1"][0]["attn"]["q"]["kernel"][...].sharding.device_set) == n
     return jax.device_get(state.params), metrics, step
 
 
 @pytest.fixture(scope="module")
 def one_device_run(xla_cache_dir):
-    """The reference both sharded runs below are compared with: 3 steps on one device."""
+    """The reference both sharded runs below are compared with: 3 steps on one device, with the
+    patch term gated by masking (CPU's term_gate 'auto'); its states after each step are the
+    'mask' side of the gate test."""
     c = gate_config(xla_cache_dir)
+    assert terms_lib.resolve_gate(c.term_gate) == "mask"
     batches = [next(pipeline.train_iterator(c, i)) for i in range(3)]
-    return c, batches, run_steps(c, batches, 1)
+    states = []
+    return c, batches, run_steps(c, batches, 1, states=states), states
 
 
 def assert_same_run(c, ref, other, steps, rtol=2e-4):
@@ -86,7 +94,7 @@ def assert_same_run(c, ref, other, steps, rtol=2e-4):
 
 
 def test_one_device_equals_eight_and_no_retrace(one_device_run):
-    c, batches, ref = one_device_run
+    c, batches, ref, _ = one_device_run
     assert ref[2]._cache_size() == 1, f"the step compiled {ref[2]._cache_size()} times on 1 device"
     eight = run_steps(c, batches, 8)
     assert eight[2]._cache_size() == 1, f"the step compiled {eight[2]._cache_size()} times on 8 devices"
@@ -103,7 +111,7 @@ def test_spatial_partitioning_equals_one_device(one_device_run):
     axes, which XLA can only partition by all-gathering the height; benchmarks/spatial_hlo.py
     lists what the program does gather)."""
     from pipa_jax.tools import hlo_collectives
-    c, batches, ref = one_device_run
+    c, batches, ref, _ = one_device_run
     c = c.copy_and_resolve_references()
     c.model.update(layers.ACCELERATOR_FORMS)
     c.mesh_shape, c.mesh_spatial = 8, 4
@@ -124,23 +132,17 @@ def test_spatial_partitioning_equals_one_device(one_device_run):
     assert not [r for r in full if r.op_name.endswith("reshape")], full
 
 
-def test_patch_gate_mask_equals_cond(xla_cache_dir):
+def test_patch_gate_mask_equals_cond(one_device_run):
     """The patch term switched on at start_step by lax.cond (GPU/TPU) or by masking (CPU's
     default, where a conditional's branch runs far slower): the same losses, bank and updates,
-    with the term and the bank idle before the start step."""
-    c = gate_config(xla_cache_dir)
-    batches = [next(pipeline.train_iterator(c, i)) for i in range(2)]
-    results = {}
-    for gate in ("cond", "mask"):      # 'mask' (CPU's 'auto') is the program of the test above
-        c.term_gate = gate
-        state, jitted, imnet_params, data = jitted_step(c, 1)
-        states, metrics = [], []
-        for b in batches:
-            state, m = jitted(state, {k: jax.device_put(v, data) for k, v in b.items()}, imnet_params)
-            states.append(jax.device_get(state))
-            metrics.append(jax.device_get(m))
-        results[gate] = (states, metrics)
-    (s_cond, m_cond), (s_mask, m_mask) = results["cond"], results["mask"]
+    with the term and the bank idle before the start step. The 'mask' side is the one-device
+    reference run's first two steps."""
+    c, batches, (_, m_mask, _), s_mask = one_device_run
+    c = c.copy_and_resolve_references()
+    c.term_gate = "cond"
+    s_cond = []
+    _, m_cond, _ = run_steps(c, batches[:2], 1, states=s_cond)
+    m_mask, s_mask = m_mask[:2], s_mask[:2]
     for gate_metrics, gate_states in ((m_cond, s_cond), (m_mask, s_mask)):
         assert gate_metrics[0]["loss/patch"] == 0 and gate_metrics[0]["patch_counted"] == 0
         assert not gate_states[0].terms["patch"]["valid"].any()          # nothing pushed before the start
