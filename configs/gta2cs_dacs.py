@@ -103,18 +103,7 @@ def build(source: str, source_size: tuple, arg: str):
     config_lib.apply_method(c, opts.method)   # dacs: self-training without FD, PiPa or MIC
 
     if opts.smoke:
-        m.backbone = "resnet50"
-        m.require_pretrained = False
-        d.source_size = d.target_size = (128, 64)
-        d.crop_size = (64, 64)
-        d.workers = 0
-        d.eval_batch_size = 2
-        c.mesh_shape = 1
-        c.total_steps = 4
-        c.log_every = 2
-        c.eval_every = 0
-        c.checkpoint_every = 2
-        c.compilation_cache_dir = ""
+        config_lib.resnet_smoke(c, total_steps=4, log_every=2)
     return c
 
 

@@ -115,20 +115,9 @@ def build(source: str, source_size: tuple, arg: str, *, regular_weight: float, m
     p.kd_softmax_bug = opts.kd_bug
 
     if opts.smoke:
-        m.backbone = "resnet50"
-        m.require_pretrained = False
-        d.source_size = d.target_size = (128, 64)
-        d.crop_size = (64, 64)
-        d.workers = 0
-        d.eval_batch_size = 2
+        config_lib.resnet_smoke(c, total_steps=2, log_every=1)
         c.batch_size = 2
-        c.mesh_shape = 1
-        c.total_steps = 2
         o.schedule_steps = 0
-        c.log_every = 1
-        c.eval_every = 0
-        c.checkpoint_every = 2
-        c.compilation_cache_dir = ""
         p.prototype_passes = 1
     return c
 

@@ -3,9 +3,11 @@
   python -m pipa_jax.proda run --config configs/synthetic_proda.py --workdir runs/proda_demo
 
 ProDA's network (DeepLabV2 with its GroupNorm + SE head) on a reduced dilated ResNet (resnet14:
-one bottleneck per stage, same stem, dilations and widths) from random weights, so that all
-stages fit about 20 minutes of this machine's two cores; the synthetic pair's sizes, data and
-schedule shape follow configs/synthetic.py. Options: stage=warmup|stage1|stage2|stage3 (what
+one bottleneck per stage, same stem, dilations and widths) from random weights; the synthetic
+pair's sizes, data and schedule shape follow configs/synthetic.py. Measured on a 2-core CPU with
+two such runs at a time: 3.4 s a warm-up step (DACS on ResNet-50: 1.4 s), so the 600 + 3 x 300
+steps take over an hour a run, not the 20 minutes this config was sized for (README: no synthetic
+ProDA table yet). Options: stage=warmup|stage1|stage2|stage3 (what
 `pipa_jax.main` runs alone; `pipa_jax.proda run` sets it per stage), warmup=adversarial|
 source_only, backbone=resnet14|resnet50, kd_bug, tiny (a few steps at 64x64: CI).
 """

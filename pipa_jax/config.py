@@ -246,6 +246,24 @@ def sibling_config(this_file: str, name: str):
     return module
 
 
+def resnet_smoke(c: ml_collections.ConfigDict, *, total_steps: int, log_every: int) -> None:
+    """The `smoke` variant of the DeepLabV2 recipes (DACS, ProDA): a few steps of a ResNet-50
+    from random weights at 64x64 crops of small images on one device, no compilation cache, for
+    CI on the fake dataset layouts."""
+    c.model.backbone = "resnet50"
+    c.model.require_pretrained = False
+    d = c.data
+    d.source_size = d.target_size = (128, 64)
+    d.crop_size = (64, 64)
+    d.workers = 0
+    d.eval_batch_size = 2
+    c.mesh_shape = 1
+    c.total_steps, c.log_every = total_steps, log_every
+    c.eval_every = 0
+    c.checkpoint_every = 2
+    c.compilation_cache_dir = ""
+
+
 def parse_options(arg: str, **spec):
     """The variants of a config file: `arg` = 'name=value,flag,...' (the part after ':' in
     --config=configs/x.py:...) parsed against `spec` (name -> default; the default's type converts
