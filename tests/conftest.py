@@ -43,28 +43,15 @@ def pytest_report_header(config):
     return f"jax {jax.__version__}, devices: {jax.device_count()} x {jax.devices()[0].platform}"
 
 
-# The longest files first, longest first (measured worker seconds of the README's command on a
-# 2-core machine), the rest after them in their usual order. pytest-xdist's --dist loadfile hands
-# files out in this order as workers run dry (pytest.ini's --no-loadscope-reorder; by default it
-# sorts files by their number of tests, which put the HRDA CLI run last: 6.5 min with the other
-# worker idle, 45 min in all). test_multihost.py stays first so that its training processes start
-# while the worker that runs them holds little memory (a worker keeps what earlier tests compiled:
-# on a 24 GB machine the two 4-device processes beside a worker that had run other files came
-# within 1.5 GB of the limit).
-RUN_FIRST = ("test_multihost.py",      # 606 s
-             "test_train_step.py",     # 990 s
-             "test_train.py",          # 715 s
-             "test_hrda_run.py",       # 414 s
-             "test_real_pipeline.py",  # 356 s
-             "test_proda.py",          # 340 s
-             "test_mit_parity.py",     # ~300 s
-             "test_notebook.py",       # 202 s
-             "test_step_composition.py", "test_mic.py", "test_fast_forms.py")
+# Test files whose tests start several training processes at once run first, while the worker that
+# runs them holds little memory (a worker keeps what earlier tests compiled): on a 24 GB machine the
+# two 4-device processes next to a worker that had run other files and the other worker's own
+# test came within 1.5 GB of the limit. The order within and of the other files is unchanged.
+RUN_FIRST = ("test_multihost.py",)
 
 
 def pytest_collection_modifyitems(config, items):
-    rank = {name: i for i, name in enumerate(RUN_FIRST)}
-    items.sort(key=lambda item: rank.get(item.path.name, len(RUN_FIRST)))     # stable: order kept within
+    items.sort(key=lambda item: item.path.name not in RUN_FIRST)
 
 
 @pytest.fixture(autouse=True, scope="module")
