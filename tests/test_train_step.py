@@ -20,14 +20,6 @@ from pipa_jax.optim import learning_rate_schedule
 from test_train import load_config, tiny_config
 
 
-def gate_config(xla_cache_dir):
-    """The tiny PiPa config of test_train.py, whose patch term starts at step 1: the 8-device step
-    is the CLI runs' program there and the 1-device 'mask' step is shared by the two tests below."""
-    c = tiny_config(xla_cache_dir)
-    assert c.pipa.patch.start_step == 1
-    return c
-
-
 def jitted_step(c, n, spatial=1):
     """(state, jitted step, imnet params, data sharding) on a mesh of n devices (spatial > 1: a
     ('data', 'spatial') mesh of n / spatial x spatial), jitted as the trainer does."""
@@ -61,10 +53,12 @@ def run_steps(c, batches, n, spatial=1, built=None, states=None):
 
 @pytest.fixture(scope="module")
 def one_device_run(xla_cache_dir):
-    """The reference both sharded runs below are compared with: 3 steps on one device, with the
-    patch term gated by masking (CPU's term_gate 'auto'); its states after each step are the
-    'mask' side of the gate test."""
-    c = gate_config(xla_cache_dir)
+    """The reference both sharded runs below are compared with: 3 steps on one device of the tiny
+    PiPa + MIC config of test_train.py (its 8-device step is the CLI runs' program), whose patch
+    term starts at step 1, gated by masking (CPU's term_gate 'auto'); its states after each step
+    are the 'mask' side of the gate test."""
+    c = tiny_config(xla_cache_dir)
+    assert c.pipa.patch.start_step == 1
     assert terms_lib.resolve_gate(c.term_gate) == "mask"
     batches = [next(pipeline.train_iterator(c, i)) for i in range(3)]
     states = []
