@@ -4,10 +4,11 @@
 
 ProDA's network (DeepLabV2 with its GroupNorm + SE head) on a reduced dilated ResNet (resnet14:
 one bottleneck per stage, same stem, dilations and widths) from random weights; the synthetic
-pair's sizes, data and schedule shape follow configs/synthetic.py. Measured on a 2-core CPU with
-two such runs at a time: 3.4 s a warm-up step (DACS on ResNet-50: 1.4 s), so the 600 + 3 x 300
-steps take over an hour a run, not the 20 minutes this config was sized for (README: no synthetic
-ProDA table yet). Options: stage=warmup|stage1|stage2|stage3 (what
+pair's sizes and data follow configs/synthetic.py. Schedule: 400 warm-up steps, then 100 per
+stage, 700 in all (DACS on ResNet-50 in configs/synthetic.py: 500). Measured on a 2-core CPU, one
+run alone: 1.16 s a warm-up step once the head's dilation-12/18/24 branches, which on the 12 x 12
+map read nothing but padding off their centre, run as 1x1 convolutions (layers.Conv2d drops such
+taps exactly; 2.08 s before). Options: stage=warmup|stage1|stage2|stage3 (what
 `pipa_jax.main` runs alone; `pipa_jax.proda run` sets it per stage), warmup=adversarial|
 source_only, backbone=resnet14|resnet50, kd_bug, tiny (a few steps at 64x64: CI).
 """
@@ -18,7 +19,7 @@ _proda = config_lib.sibling_config(__file__, "gta2cs_proda.py")
 
 # From random weights SGD's rates are raised as configs/synthetic.py raises DACS's (x10 over the
 # official 2.5e-4 warm-up rate). Stage steps: the warm-up learns the source, the stages adapt.
-WARMUP_STEPS, STAGE_STEPS = 600, 300
+WARMUP_STEPS, STAGE_STEPS = 400, 100
 LR = {"warmup": 2.5e-3, "stage1": 1e-3, "stage2": 2.5e-3, "stage3": 2.5e-3}
 
 

@@ -178,6 +178,49 @@ def test_conv_tap_filter_gradient_matches_native(cin, cout, kernel_size, dilatio
     assert_trees_close(gp, gp_n, atol=1e-4)
 
 
+@pytest.mark.parametrize("size,kernel_size,dilation,pad,live,kept", [
+    ((12, 12), 3, 24, (24, 24), ((1, 1), (1, 1)), (1, 1)),   # ProDA's d = 24 branch on a 12 x 12 map
+    ((12, 9), 3, 12, (12, 12), ((1, 1), (1, 1)), (1, 1)),    # d = map rows: the off-centre taps just miss
+    ((13, 6), 3, 6, (6, 6), ((0, 2), (1, 1)), (3, 1)),       # rows all live, columns only the centre
+    ((5, 8), 5, 3, (6, 6), ((1, 3), (0, 4)), (3, 5)),        # a 5x5 kernel, its outer rows dead
+    ((5, 8), 5, 3, (6, 2), ((2, 3), (1, 4)), (5, 4)),        # asymmetric: trimmed rows would pad -1, stay whole
+    ((1, 6), 3, 2, (2, 2), ((1, 1), (0, 2)), (1, 3)),        # a one-row map
+])
+@pytest.mark.parametrize("impl", ["matmul", "native"])
+def test_dead_taps_dropped_exactly(size, kernel_size, dilation, pad, live, kept, impl):
+    """Stride-1 convolutions drop the taps that read only zero padding (layers.conv.live_taps);
+    values and every gradient equal the untrimmed lax convolution of the full kernel."""
+    cin, cout = 6, 5
+    x = normal(0, (2,) + size + (cin,))
+    conv = layers.Conv2d(cin, cout, (kernel_size,) * 2, padding=(pad, pad), kernel_dilation=(dilation,) * 2,
+                         use_bias=True, impl=impl, rngs=nnx.Rngs(1))
+    bias = normal(2, (cout,))
+    conv.bias[...] = bias
+    spans = [layers.conv.live_taps(n, kernel_size, dilation, pad) for n in size]
+    assert spans == list(live)
+    trimmed, _ = layers.conv.trim_dead_taps(conv.kernel[...], (pad, pad), (dilation,) * 2, size)
+    assert trimmed.shape[:2] == kept
+
+    def full(kernel, bias, x):      # the reference: the whole kernel, no trimming
+        y = jax.lax.conv_general_dilated(x, kernel, (1, 1), (pad, pad), rhs_dilation=(dilation,) * 2,
+                                         dimension_numbers=("NHWC", "HWIO", "NHWC"),
+                                         precision=jax.lax.Precision.HIGHEST)
+        return y + bias
+
+    y_ref, pull = jax.vjp(full, conv.kernel[...], bias, x)
+    g = normal(3, y_ref.shape)
+    dk_ref, db_ref, dx_ref = pull(g)
+    (y, (gp, gx)) = module_vjp(conv, x, seed=3)
+    np.testing.assert_allclose(y, y_ref, **F32)
+    np.testing.assert_allclose(gx, dx_ref, **F32)
+    np.testing.assert_allclose(gp["kernel"][...], dk_ref, **F32)
+    np.testing.assert_allclose(gp["bias"][...], db_ref, rtol=1e-5, atol=1e-4)
+    (a0, a1), (b0, b1) = live
+    dead = np.ones(dk_ref.shape[:2], bool)
+    dead[a0:a1 + 1, b0:b1 + 1] = False
+    assert np.all(np.asarray(dk_ref)[dead] == 0)     # what was dropped had no gradient to lose
+
+
 @pytest.mark.parametrize("shape,dilation,block", [
     ((2, 13, 9, 4), 1, 9 * 2 * 4),     # 1-row blocks
     ((1, 11, 7, 3), 2, 3 * 7 * 3),     # 3-row blocks, last block padded (11 = 3 * 4 - 1)

@@ -164,6 +164,39 @@ def _pairs(v, n=2):
     return (v,) * n if isinstance(v, int) else tuple(v)
 
 
+def live_taps(size: int, ksize: int, dilation: int, pad: tuple[int, int]) -> tuple[int, int]:
+    """The taps [first, last] of one axis of a stride-1 convolution that read any input position.
+
+    Output row r reads input row r + j * dilation - pad_lo through tap j, for r in [0, out). A tap
+    whose every read falls in the zero padding adds nothing to the output and gets no gradient
+    (a 3x3 conv with dilation 24 on a 12-row map reads only padding off its centre). Returns
+    (0, ksize - 1) where every tap is live, or where none is (the output is then padding alone,
+    left to the full convolution)."""
+    lo, hi = pad
+    out = size + lo + hi - dilation * (ksize - 1)
+    live = [j for j in range(ksize) if j * dilation - lo <= size - 1 and out - 1 + j * dilation - lo >= 0]
+    return (live[0], live[-1]) if live else (0, ksize - 1)
+
+
+def trim_dead_taps(kernel, padding, dilation, in_hw):
+    """(kernel, padding) without the taps that read only zero padding (see live_taps): the same
+    output, exactly, with fewer multiplies. The padding shrinks by the dropped taps' reach, so the
+    output size is unchanged; an axis whose trimmed padding would turn negative stays whole.
+    kernel [kh, kw, I, O]; padding ((lo, hi), (lo, hi)); stride 1."""
+    spans, pads = [], []
+    for n, k, d, (lo, hi) in zip(in_hw, kernel.shape[:2], dilation, padding):
+        first, last = live_taps(n, k, d, (lo, hi))
+        lo2, hi2 = lo - first * d, hi - (k - 1 - last) * d
+        if min(lo2, hi2) < 0:
+            first, last, lo2, hi2 = 0, k - 1, lo, hi
+        spans.append((first, last))
+        pads.append((lo2, hi2))
+    if all(span == (0, k - 1) for span, k in zip(spans, kernel.shape[:2])):
+        return kernel, padding
+    (a0, a1), (b0, b1) = spans
+    return kernel[a0: a1 + 1, b0: b1 + 1], tuple(pads)
+
+
 def _conv_native(x, kernel, padding, dilation):
     return jax.lax.conv_general_dilated(x, kernel, window_strides=(1, 1), padding=padding,
                                         rhs_dilation=dilation, dimension_numbers=("NHWC", "HWIO", "NHWC"))
@@ -212,6 +245,10 @@ class Conv2d(nnx.Conv):
     Patch form: like PyTorch's unpadded strided conv, trailing rows/columns that do not fill a
     whole patch are dropped (output floor(H / stride)). Stride-1 k x k convolutions with explicit
     padding ('taps') run natively but take their filter gradient as per-tap matmuls.
+
+    On every backend and impl, a stride-1 convolution with explicit padding first drops the taps
+    that read only zero padding for the input's size (trim_dead_taps): DeepLabV2's and ProDA's
+    dilation-12/18/24 branches on a map of 12 rows are 1x1 convolutions, and run as such.
     """
 
     def __init__(self, *args, impl: str = "auto", **kwargs):
@@ -219,14 +256,28 @@ class Conv2d(nnx.Conv):
         resolve_conv_impl(impl)  # validate early
         self.impl = impl
 
-    def matmul_form(self) -> str | None:
+    def _stride1_pairs(self):
+        """The explicit ((lo, hi), (lo, hi)) padding of a plain stride-1 2-D convolution (no
+        groups, mask or input dilation), else None."""
+        if (len(tuple(self.kernel_size)) != 2 or self.feature_group_count != 1 or self.mask is not None
+                or _pairs(self.input_dilation or 1) != (1, 1) or _pairs(self.strides or 1) != (1, 1)
+                or isinstance(self.padding, str)):
+            return None
+        if isinstance(self.padding, int):
+            return ((self.padding,) * 2,) * 2
+        if not all(len(_pairs(q)) == 2 for q in self.padding):
+            return None
+        return tuple(tuple(_pairs(q)) for q in self.padding)
+
+    def matmul_form(self, kernel_size=None, padding=None) -> str | None:
         """'pointwise' (1x1, stride 1), 'patch' (kernel = stride), 'taps' (stride-1 k x k with
-        explicit padding: native forward, per-tap matmul filter gradient) or None (native)."""
-        k = tuple(self.kernel_size)
+        explicit padding: native forward, per-tap matmul filter gradient) or None (native).
+        `kernel_size` / `padding` override the layer's own (the trimmed geometry)."""
+        k = tuple(kernel_size or self.kernel_size)
+        pad = self.padding if padding is None else padding
         if (len(k) != 2 or self.feature_group_count != 1 or self.mask is not None
                 or _pairs(self.input_dilation or 1) != (1, 1)):
             return None
-        pad = self.padding
         if (k != (1, 1) and _pairs(self.strides or 1) == (1, 1) and not isinstance(pad, str)
                 and all(len(_pairs(q)) == 2 for q in pad)):
             return "taps"
@@ -241,16 +292,28 @@ class Conv2d(nnx.Conv):
         return "pointwise" if k == (1, 1) else "patch"
 
     def __call__(self, inputs, out_sharding=None):
-        form = self.matmul_form() if resolve_conv_impl(self.impl) == "matmul" else None
-        if form is None or out_sharding is not None or inputs.ndim != 4:
+        if out_sharding is not None or inputs.ndim != 4:
             return super().__call__(inputs, out_sharding=out_sharding)
         kernel = self.kernel[...]
+        dilation = tuple(_pairs(self.kernel_dilation or 1))
+        pads = self._stride1_pairs()
+        if pads is not None:
+            kernel, pads = trim_dead_taps(kernel, pads, dilation, inputs.shape[1:3])
+        trimmed = tuple(kernel.shape[:2]) != tuple(self.kernel_size)
+        matmul = resolve_conv_impl(self.impl) == "matmul"
+        form = self.matmul_form(kernel.shape[:2], pads) if matmul else None
+        if form is None and not trimmed:
+            return super().__call__(inputs)
         bias = self.bias[...] if self.bias is not None else None
         x, kernel, bias = self.promote_dtype((inputs, kernel, bias), dtype=self.dtype)
         kw = dict(precision=self.precision, preferred_element_type=self.preferred_element_type)
-        if form == "taps":
-            pads = tuple(tuple(_pairs(q)) for q in self.padding)
-            y = _conv_tap_filter_grad(x, kernel, pads, tuple(_pairs(self.kernel_dilation or 1)))
+        if form is None:
+            y = jax.lax.conv_general_dilated(x, kernel, window_strides=(1, 1), padding=pads, rhs_dilation=dilation,
+                                             dimension_numbers=("NHWC", "HWIO", "NHWC"), **kw)
+        elif form == "taps":
+            if pads is None:
+                pads = tuple(tuple(_pairs(q)) for q in self.padding)
+            y = _conv_tap_filter_grad(x, kernel, pads, dilation)
         elif form == "pointwise":
             y = matmul_last(x, kernel[0, 0], **kw)
         else:
