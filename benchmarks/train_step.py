@@ -16,6 +16,7 @@ The patch term runs from step 0 here (start_step = 0) so that it is timed. With 
 every rung runs on the HRDA segmentor (docs/method.md §6): detail crop = half the crop, detail
 windows every quarter crop in the teacher's inference, patch crops 3/4 of the crop; 'daformer' is
 then HRDA's own recipe (self-training + FD) and 'pipa' HRDA + PiPa.
+`--render FILE.json` writes a recorded run's table again (FILE.md).
 Timings are medians over repeats measured in one process; this machine is noisy, so compare
 ratios from the same run rather than absolute seconds across runs.
 """
@@ -23,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import json
 import os
 import platform
 import resource
@@ -168,7 +170,12 @@ def main():
     ap.add_argument("--segmentor", default="encoder_decoder", choices=("encoder_decoder", "hrda"))
     ap.add_argument("--force", action="store_true",
                     help="run even when XLA's memory estimate exceeds 80%% of RAM (may be killed)")
+    ap.add_argument("--render", metavar="JSON", help="only write JSON's table again (next to it, as .md)")
     args = ap.parse_args()
+    if args.render:
+        with open(args.render) as f:
+            io_lib.write_text_atomic(os.path.splitext(args.render)[0] + ".md", render(json.load(f)))
+        return
     result = {"command": " ".join([os.path.basename(sys.executable)] + sys.argv),
               "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
               "machine": machine(), "load_average_start": os.getloadavg(), "size": args.size,
@@ -198,6 +205,22 @@ def main():
     print(render(result))
 
 
+def stage_label(prev_method, method) -> str:
+    """What a rung adds to the row above it: its own stage, or every stage of the ladder in
+    between when rungs were left out (--methods), so that the delta column reads right."""
+    if prev_method in LADDER and method in LADDER and LADDER.index(method) > LADDER.index(prev_method) + 1:
+        return "; ".join(STAGE_NAMES[m] for m in LADDER[LADDER.index(prev_method) + 1:LADDER.index(method) + 1])
+    return STAGE_NAMES[method]
+
+
+def _load_remark(r) -> str:
+    nproc = r["machine"]["nproc"] or 1
+    if max(*r["load_average_start"], *r["load_average_end"]) > nproc:
+        return (" (above the core count: something else shared the machine, and the step times "
+                "are not comparable)")
+    return ": nothing else ran"
+
+
 def render(r) -> str:
     m = r["machine"]
     lines = [f"# Train step benchmark ({r['date']})", "",
@@ -207,20 +230,19 @@ def render(r) -> str:
              f"{r['batch_per_domain']} + {r['batch_per_domain']}, "
              f"{r['size']}x{r['size']} crops, float32. Medians of the repeats in one process.  ",
              f"Load average (1, 5, 15 min) at start {tuple(round(x, 2) for x in r['load_average_start'])}, "
-             f"at end {tuple(round(x, 2) for x in r['load_average_end'])} (above the core count: "
-             "something else shared the machine, and the step times are not comparable).", ""]
+             f"at end {tuple(round(x, 2) for x in r['load_average_end'])}{_load_remark(r)}.", ""]
     for v, rows in r["variants"].items():
         remat = " (model.remat=True)" if rows and rows[0].get("remat") else ""
         lines += [f"## MiT-{v}{remat}", "", "| method (adds) | compile s | step s (median) | delta s | XLA temp MiB |",
                   "|---|---|---|---|---|"]
-        prev = None
+        prev = prev_method = None
         for row in rows:
             delta = "" if prev is None else f"{row['step_s_median'] - prev:+.2f}"
             temp = row["temp_bytes"] / 2**20 if row["temp_bytes"] is not None else float("nan")
             step = f"{row['step_s_median']:.2f}" if not row.get("not_run") else f"not run: {row['not_run']}"
-            lines.append(f"| {row['method']} ({STAGE_NAMES[row['method']]}) | {row['compile_s']:.1f} | "
+            lines.append(f"| {row['method']} ({stage_label(prev_method, row['method'])}) | {row['compile_s']:.1f} | "
                          f"{step} | {delta} | {temp:.0f} |")
-            prev = row["step_s_median"]
+            prev, prev_method = row["step_s_median"], row["method"]
         lines.append("")
     lines += [f"Peak process RSS: {r['peak_rss_bytes'] / 2**30:.2f} GiB", "",
               "## Contrastive losses: compiled temporary memory of the gradient", "",
