@@ -570,7 +570,7 @@ def write_markdown(path, res):
               f"date {q['date']}, wall time {q['wall_time_s']:.0f} s, load average start / end "
               f"{q['loadavg_start']} / {q['loadavg_end']}"]
     if len(runs) > 1:
-        L += [f"- combined with `python benchmarks/model_speed.py --combine <the runs' .json files>`"]
+        L += ["- combined with `python benchmarks/model_speed.py --combine <the runs' .json files>`"]
     L += [
          f"- machine: {m['nproc']} cores, {m['cpu_model']}; {m['platform']}",
          f"- versions: jax {m['jax']} (backend {m['jax_backend']}), flax {m['flax']}, optax {m['optax']}, "
@@ -601,7 +601,7 @@ def write_markdown(path, res):
             continue
         L += [f"## MiT-{variant} ({r['repeats']} timed rounds, {r['warmup']} extra warm-up rounds; "
               f"peak RSS of this process {r.get('peak_rss_mb', 0) / 1024:.1f} GiB)", "",
-              *([f"Processes: " + "; ".join(f"`{k.split(':', 2)[-1]}`" + (f" FAILED ({v['failed']})" if 'failed' in v else "")
+              *(["Processes: " + "; ".join(f"`{k.split(':', 2)[-1]}`" + (f" FAILED ({v['failed']})" if 'failed' in v else "")
                                              for k, v in r["sections"].items())
                  + " (* = ratio of medians of rows measured in different processes).", ""]
                 if len(r.get("sections", {})) > 1 else []),

@@ -17,8 +17,9 @@ Variants (comma-separated after the colon, e.g. configs/gta2cs.py:method=daforme
   method=pipa_mic     PiPa + MIC: both contrastive terms and the masked term: 60k steps, res 640
   (also dacs, pixel_only, patch_only, oracle; see pipa_jax.config.METHODS)
   res=640|512         training / test resolution (below); default 640 for pipa, 512 otherwise
-  smoke               a few steps of a tiny MiT-b0 at 64x64 crops on small images, with RCS
-                      thresholds for toy datasets: for CI on fake dataset layouts, not for results
+  smoke               a few steps of mit_tiny (MiT-b0's widths, one block a stage) at 64x64 crops on
+                      small images, with RCS thresholds for toy datasets: for CI on fake dataset
+                      layouts, not for results
                       (add --config.data.source_root=... --config.data.target_root=...)
 
 Resolution (docs/method.md §8). DAFormer: GTA resized to 1280x720 (keep ratio: 1914x1052 -> 1280x704),
@@ -130,7 +131,7 @@ def build(source: str, source_size: tuple, arg: str, default_res_pipa: int, rcs_
     if opts.smoke:
         # CI on fake layouts (tiny images, a handful of frames): everything small and fast; the
         # numbers mean nothing. RCS thresholds shrink so toy label maps still qualify.
-        c.model.backbone = "mit_b0"
+        c.model.backbone = "mit_tiny"          # b0's widths, one block per stage
         c.model.embed_dim = 32
         c.model.pixel_proj_dim = 32
         c.model.patch_proj_dim = 16

@@ -17,7 +17,7 @@ Variants (after the colon, comma-separated):
   method=mic          MIC(HRDA): HRDA + masked image consistency on the target (blocks of 64 at full
                       resolution, 70 % masked, weight 1): 40k steps (published 75.9 / 67.3)
   method=pipa_mic     HRDA + PiPa + MIC (no official code runs both): PiPa's 60k steps
-  smoke               a few steps of a tiny MiT-b0 HRDA at 64x64 crops, for CI on fake layouts
+  smoke               a few steps of an HRDA on mit_tiny at 64x64 crops, for CI on fake layouts
 
 The recipe (docs/method.md §6, §8): GTA resized into 2560x1440 (1914x1052 -> 2560x1407),
 Cityscapes kept at 2048x1024, 1024x1024 crops (the source's redrawn until no class covers 75 %),

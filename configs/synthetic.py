@@ -3,9 +3,9 @@
   python -m pipa_jax.main --config configs/synthetic.py --workdir runs/demo
   python -m pipa_jax.main --config configs/synthetic.py:method=source_only --workdir runs/src
 Variants: method=source_only|dacs|daformer|pipa|pixel_only|patch_only|oracle|mic|pipa_mic; `tiny` (a
-few steps at 64x64, used by the tests), e.g. configs/synthetic.py:method=pipa,tiny; backbone=r50
-runs DeepLabV2-ResNet-50 with DACS's SGD instead of MiT-b0 + DAFormer's head and AdamW (with
-method=dacs: DACS as published, on this pair)
+few steps at 64x64 on mit_tiny, b0's widths with one block per stage; used by the tests), e.g.
+configs/synthetic.py:method=pipa,tiny; backbone=r50 runs DeepLabV2-ResNet-50 with DACS's SGD
+instead of MiT-b0 + DAFormer's head and AdamW (with method=dacs: DACS as published, on this pair)
 (mic: DAFormer + MIC's masked target term; pipa_mic: PiPa + MIC, both contrastive terms and the
 masked one; MIC's blocks are 6x6 here: 16 blocks across the 96x96 crop, as 32 across MIC(DAFormer)'s
 512 crops.)
@@ -86,6 +86,8 @@ def get_config(arg: str = ""):
             c.uda.mix_per_image_classes = True
             c.uda.jitter_strength = 0.25
     if opts.tiny:
+        if c.model.backbone == "mit_b0":
+            c.model.backbone = "mit_tiny"     # b0's widths, one block per stage (compiles faster)
         c.data.image_size = (64, 64)
         c.data.crop_size = (64, 64)
         c.pipa.patch.crop_size = (32, 32)

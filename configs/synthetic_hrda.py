@@ -2,7 +2,7 @@
 
   python -m pipa_jax.main --config configs/synthetic_hrda.py:method=pipa --workdir runs/demo_hrda
 Variants: method=source_only|hrda|pipa|oracle|daformer|mic|pipa_mic, and `tiny` (a few steps at
-64x64 crops, used by the tests), e.g. configs/synthetic_hrda.py:method=pipa,tiny
+64x64 crops on mit_tiny, used by the tests), e.g. configs/synthetic_hrda.py:method=pipa,tiny
 
 The scenes of configs/synthetic.py rendered at twice its resolution (192x384), where thin poles,
 traffic lights and signs, and distant people are a few pixels wide and a half-resolution model

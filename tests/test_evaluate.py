@@ -364,7 +364,7 @@ def test_benchmark_configs_and_variants(name):
     smoke = load_config(name, "method=pipa,smoke")
     smoke.data.source_root, smoke.data.target_root = "/x", "/y"
     config_lib.validate(smoke, 8)
-    assert smoke.total_steps <= 10 and smoke.model.backbone == "mit_b0" and smoke.data.crop_size == (64, 64)
+    assert smoke.total_steps <= 10 and smoke.model.backbone == "mit_tiny" and smoke.data.crop_size == (64, 64)
     with pytest.raises(ValueError, match="unknown config option"):
         load_config(name, "methd=pipa")
 

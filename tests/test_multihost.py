@@ -198,12 +198,15 @@ def test_two_processes_train_as_one(one_process, two_processes):
             moved = np.abs(c2 - c1).sum() / 2
             assert moved <= 1e-3 * c1.sum(), (who, moved, c1.sum())
             np.testing.assert_allclose(m2[step][who]["miou"], m1[step][who]["miou"], atol=1e-3)
-    # The report is written once, by process 0, from predictions made on all devices.
+    # The report is written once, by process 0, from predictions made on all devices: the same
+    # pictures up to the argmax flips above (one local run: 1 pixel of 24576 differed).
     for name in ("iou_table.md", "predictions.png", "grid_predictions.npz", "config.json"):
         assert os.path.exists(os.path.join(two_dir, name)), name
     with np.load(os.path.join(one_dir, "grid_predictions.npz")) as a, \
             np.load(os.path.join(two_dir, "grid_predictions.npz")) as b:
-        np.testing.assert_array_equal(a["predictions"], b["predictions"])
+        assert a["predictions"].shape == b["predictions"].shape
+        flipped = int((a["predictions"] != b["predictions"]).sum())
+        assert flipped <= 1e-3 * a["predictions"].size, (flipped, a["predictions"].size)
 
 
 def test_sigterm_to_one_process_stops_both_and_resumes_in_one(one_process, xla_cache_dir, tmp_path):

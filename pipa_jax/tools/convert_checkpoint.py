@@ -49,7 +49,7 @@ def convert_file(input_path: str, output_dir: str, which: str = "student", seed:
             f"{input_path} holds no MiT or ResNet encoder under prefix {prefix!r}: {convert.describe_checkpoint(shapes)}. "
             "Expected an official SegFormer mit_b*.pth, a DAFormer / HRDA / PiPa checkpoint, a DeepLab / "
             "torchvision ResNet or a DACS checkpoint")
-    if not info["backbone"].startswith("mit_b"):
+    if not info["backbone"].startswith("mit_"):   # a registered variant, not a description
         raise convert.CheckpointError(f"{input_path}: unsupported encoder {info['backbone']}")
     if info["decode_head"] == "unknown":
         raise convert.CheckpointError(
