@@ -33,10 +33,10 @@ MIT_VARIANTS = {
     "b4": MiTVariant((64, 128, 320, 512), (3, 8, 27, 3)),
     "b5": MiTVariant((64, 128, 320, 512), (3, 6, 40, 3)),
     # Not a published model (no weights exist): b0's widths with one block per stage, for the
-    # synthetic configs' `tiny` variant that the tests train. One block instead of two per stage
-    # cut the tiny PiPa + MIC step's tracing 21 -> 13 s, its compile 62 -> 40 s and a step
-    # 1.85 -> 1.45 s on 2 CPU cores; the b0..b5 code paths are the same, and their parity with
-    # PyTorch is tested on b0 and b5 themselves.
+    # synthetic configs' `tiny` and the real configs' `smoke` variants that the tests train. One
+    # block instead of two per stage cut the tiny PiPa + MIC step's trace + lowering 21 -> 13 s,
+    # its compile 52-62 -> 40 s and a step 1.85 -> 1.45 s (2 CPU cores, one device); the code
+    # path is b0..b5's, whose parity with PyTorch is tested on those variants themselves.
     "tiny": MiTVariant((32, 64, 160, 256), (1, 1, 1, 1)),
 }
 
